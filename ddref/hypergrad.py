@@ -1,0 +1,114 @@
+"""Meta-gradients: the derivative of the outer loss ℓ(x_real, θ_T) with respect to the
+distilled images x̃ and the raw learning rates, computed two ways.
+
+``naive``
+    ``autograd`` differentiates straight through the whole unroll.  Simple and exact, but
+    the tape keeps every step's activations, so memory grows with the number of steps.
+
+``backgrad``  (the paper's back-gradient optimisation, after Domke 2012 / Maclaurin 2015)
+    The forward pass keeps only the weights θ_0 … θ_T.  The backward pass walks the steps
+    in reverse.  Step t is the map  θ_{t+1} = θ_t − η_t g(θ_t, x̃_s)  with g = ∇θ ℓ, so with
+    v = ∂L/∂θ_{t+1} its vector–Jacobian product is
+
+        ∂L/∂θ_t  = v − η_t · (∂g/∂θ)ᵀ v        (a Hessian-vector product)
+        ∂L/∂x̃_s += −η_t · (∂g/∂x̃_s)ᵀ v       (summed over the epochs that reuse x̃_s)
+        ∂L/∂η_t  = −⟨g(θ_t, x̃_s), v⟩
+
+    Both products come from one reverse pass through g.  Memory holds T+1 copies of θ and
+    one step's activations at a time.
+
+Both return the same numbers (tests check 1e-10 agreement in float64 and finite
+differences).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import autograd.numpy as anp
+from autograd import make_vjp, value_and_grad
+
+from ddref.losses import cross_entropy
+from ddref.unroll import inner_grad, softplus, step_schedule, unroll
+
+ENGINES = ("naive", "backgrad")
+
+
+@dataclass(frozen=True)
+class MetaGradient:
+    """The outer loss and its gradients with respect to x̃ and the raw learning rates."""
+
+    loss: float
+    grad_x: object          # shaped like x_distilled
+    grad_raw_lrs: object    # shaped like raw_lrs, (E, S)
+
+
+def outer_loss_of_params(apply, params, x_real, real_targets):
+    """ℓ_obj(x, θ_T): cross-entropy of the trained network on a real batch.  The targets
+    are the true labels (classification) or the attack labels (poisoning, §3.5)."""
+    return cross_entropy(apply(params, x_real), real_targets)
+
+
+def meta_gradient(engine, apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets):
+    """Outer loss and its gradient w.r.t. (x̃, raw η̃) with the chosen engine."""
+    if engine == "naive":
+        return naive(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets)
+    if engine == "backgrad":
+        return backgrad(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets)
+    raise ValueError(f"unknown meta-gradient engine {engine!r}: choose one of {', '.join(ENGINES)}.")
+
+
+def naive(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets):
+    """Autograd through the whole unroll."""
+
+    def outer(x_distilled, raw_lrs):
+        params = unroll(apply, theta0, x_distilled, targets, softplus(raw_lrs))
+        return outer_loss_of_params(apply, params, x_real, real_targets)
+
+    loss, (grad_x, grad_raw) = value_and_grad(outer, (0, 1))(x_distilled, raw_lrs)
+    return MetaGradient(float(loss), grad_x, grad_raw)
+
+
+def _sgd_update(params, grads, lr):
+    return {k: params[k] - lr * grads[k] for k in params}
+
+
+def backgrad(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets):
+    """Back-gradient: store θ_t on the way forward, then one VJP of the step map per step."""
+    lrs = softplus(raw_lrs)
+    schedule = step_schedule(*raw_lrs.shape)
+
+    # forward: plain gradient descent, keeping only the weights
+    thetas = [theta0]
+    for e, s in schedule:
+        grads = inner_grad(apply, thetas[-1], x_distilled[s], targets)
+        thetas.append(_sgd_update(thetas[-1], grads, lrs[e, s]))
+
+    loss, v = value_and_grad(outer_loss_of_params, 1)(apply, thetas[-1], x_real, real_targets)
+
+    # backward: v holds ∂L/∂θ_{t+1}; turn it into ∂L/∂θ_t step by step
+    grad_x_steps = [anp.zeros_like(x_distilled[0]) for _ in range(x_distilled.shape[0])]
+    grad_lrs = anp.zeros_like(lrs)
+    for t in reversed(range(len(schedule))):
+        e, s = schedule[t]
+        pull_back, g = make_vjp(_grad_wrt_params_and_images, 0)(
+            (thetas[t], x_distilled[s]), apply, targets)
+        h_params, h_images = pull_back(v)
+        lr = lrs[e, s]
+        grad_lrs[e, s] = -sum(anp.vdot(g[k], v[k]) for k in v)
+        grad_x_steps[s] = grad_x_steps[s] - lr * h_images
+        v = {k: v[k] - lr * h_params[k] for k in v}
+
+    grad_raw = grad_lrs * _softplus_derivative(raw_lrs)
+    return MetaGradient(float(loss), anp.stack(grad_x_steps), grad_raw)
+
+
+def _grad_wrt_params_and_images(params_and_images, apply, targets):
+    params, images = params_and_images
+    return inner_grad(apply, params, images, targets)
+
+
+def _softplus_derivative(raw):
+    """d softplus / d raw = sigmoid(raw)."""
+    return 0.5 * (anp.tanh(0.5 * raw) + 1.0)

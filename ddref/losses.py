@@ -1,0 +1,50 @@
+"""Softmax cross-entropy (hard labels or label distributions), accuracy, and the
+poisoning objective of §3.5 (make class K be read as class T)."""
+
+from __future__ import annotations
+
+import autograd.numpy as anp
+
+from ddref import backend
+
+
+def log_softmax(logits):
+    """log softmax along the class axis, with the stable log-sum-exp: subtract the row max
+    (treated as a constant — the result does not depend on it) before exponentiating."""
+    shifted = logits - anp.max(logits, axis=1, keepdims=True)
+    return shifted - anp.log(anp.sum(anp.exp(shifted), axis=1, keepdims=True))
+
+
+def one_hot(labels, num_classes, dtype="float64"):
+    """Integer labels (N,) → one-hot rows (N, num_classes) on the selected backend."""
+    xp = backend.xp()
+    labels = backend.asarray(labels)
+    return (labels[:, None] == xp.arange(num_classes)[None, :]).astype(dtype)
+
+
+def cross_entropy(logits, targets):
+    """Mean cross-entropy of ``logits`` (N, K) against ``targets``: either label
+    distributions (N, K) — soft labels — or one-hot rows (use :func:`one_hot` for integer
+    labels; a dense target keeps the gradient free of scatter operations)."""
+    return -anp.mean(anp.sum(targets * log_softmax(logits), axis=1))
+
+
+def accuracy(logits, labels) -> float:
+    """Fraction of rows whose arg-max equals the integer label."""
+    predictions = backend.to_numpy(logits).argmax(axis=1)
+    return float((predictions == backend.to_numpy(labels)).mean())
+
+
+def attack_targets(labels, num_classes, source_class, target_class, dtype="float64"):
+    """One-hot targets for the poisoning objective: every image of ``source_class`` (K) is
+    labelled ``target_class`` (T), every other image keeps its own label.  Minimising the
+    cross-entropy against these targets makes the trained network read K as T while
+    leaving the other classes alone."""
+    for name, value in (("source_class", source_class), ("target_class", target_class)):
+        if not 0 <= value < num_classes:
+            raise ValueError(f"{name}={value} is not a class index in 0..{num_classes - 1}.")
+    if source_class == target_class:
+        raise ValueError("source_class and target_class must differ for an attack.")
+    labels = backend.to_numpy(labels).copy()
+    labels[labels == source_class] = target_class
+    return one_hot(labels, num_classes, dtype)

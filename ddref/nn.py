@@ -1,0 +1,254 @@
+"""Networks written by hand: parameters are plain dicts of arrays, a model is a pair of
+pure functions ``init(rng) -> params`` and ``apply(params, x) -> logits``.
+
+Everything inside ``apply`` is built from ``autograd.numpy`` operations and two small
+linear primitives (``im2col`` and its adjoint ``col2im``), so autograd can differentiate
+it to any order — which is what Algorithm 1 needs: the inner step uses ∇θ ℓ and the
+meta-gradient differentiates through that gradient again.
+
+No function here modifies an array in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import autograd.numpy as anp
+from autograd.extend import defvjp, primitive
+
+from ddref import backend
+
+# ---------------------------------------------------------------------------- initialisation
+
+INIT_SCHEMES = ("xavier", "kaiming", "normal")
+
+
+def _fans(shape):
+    """fan_in and fan_out of a dense (in, out) or conv (out, in, kh, kw) weight."""
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    receptive = math.prod(shape[2:])
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def init_weight(rng, shape, scheme="xavier", scale=1.0, dtype="float64"):
+    """A weight tensor drawn with an explicit RNG.
+
+    ``xavier``  — N(0, scale² · 2 / (fan_in + fan_out))   (the original code's default, gain = scale)
+    ``kaiming`` — N(0, scale² · 2 / fan_in)
+    ``normal``  — N(0, scale²)
+    """
+    fan_in, fan_out = _fans(shape)
+    if scheme == "xavier":
+        std = scale * math.sqrt(2.0 / (fan_in + fan_out))
+    elif scheme == "kaiming":
+        std = scale * math.sqrt(2.0 / fan_in)
+    elif scheme == "normal":
+        std = scale
+    else:
+        raise ValueError(f"unknown init scheme {scheme!r}: choose one of {', '.join(INIT_SCHEMES)}.")
+    return backend.normal(rng, shape, std, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+def dense(x, w, b):
+    """x: (N, in), w: (in, out), b: (out,)."""
+    return anp.dot(x, w) + b
+
+
+def relu(x):
+    return anp.maximum(x, 0.0)
+
+
+def flatten(x):
+    return anp.reshape(x, (x.shape[0], -1))
+
+
+def max_pool2x2(x):
+    """2×2 max-pool with stride 2 on NCHW input (odd trailing rows/columns are dropped)."""
+    n, c, h, w = x.shape
+    x = x[:, :, : h // 2 * 2, : w // 2 * 2]
+    x = anp.reshape(x, (n, c, h // 2, 2, w // 2, 2))
+    return anp.max(anp.max(x, axis=5), axis=3)
+
+
+def _out_size(size, k, stride, pad):
+    return (size + 2 * pad - k) // stride + 1
+
+
+@primitive
+def im2col(x, kh, kw, stride=1, pad=0):
+    """Patches of ``x`` (N, C, H, W) as an array (N, C, kh, kw, Ho, Wo).
+
+    A linear map of ``x``; its adjoint is :func:`col2im`.  Declaring the pair as
+    primitives whose vector–Jacobian products are each other gives exact derivatives
+    of every order without autograd tracing the index arithmetic.
+    """
+    xp = backend.xp()
+    n, c, h, w = x.shape
+    ho, wo = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
+    if pad:
+        x = xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    rows = []
+    for i in range(kh):
+        rows.append(xp.stack([
+            x[:, :, i: i + stride * ho: stride, j: j + stride * wo: stride] for j in range(kw)
+        ], axis=2))
+    return xp.stack(rows, axis=2)
+
+
+@primitive
+def col2im(cols, x_shape, kh, kw, stride=1, pad=0):
+    """The adjoint of :func:`im2col`: sum patches (N, C, kh, kw, Ho, Wo) back into (N, C, H, W)."""
+    xp = backend.xp()
+    n, c, h, w = x_shape
+    ho, wo = cols.shape[4], cols.shape[5]
+    out = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            out[:, :, i: i + stride * ho: stride, j: j + stride * wo: stride] += cols[:, :, i, j]
+    return out[:, :, pad: pad + h, pad: pad + w]
+
+
+defvjp(im2col, lambda ans, x, kh, kw, stride=1, pad=0:
+       lambda g: col2im(g, x.shape, kh, kw, stride, pad))
+defvjp(col2im, lambda ans, cols, x_shape, kh, kw, stride=1, pad=0:
+       lambda g: im2col(g, kh, kw, stride, pad))
+
+
+def conv2d(x, w, b, stride=1, pad=0):
+    """Cross-correlation of x (N, C, H, W) with w (O, C, kh, kw), plus bias b (O,): im2col then
+    one tensor contraction over (C, kh, kw)."""
+    cols = im2col(x, w.shape[2], w.shape[3], stride, pad)        # (N, C, kh, kw, Ho, Wo)
+    out = anp.tensordot(cols, w, axes=([1, 2, 3], [1, 2, 3]))    # (N, Ho, Wo, O)
+    return anp.transpose(out, (0, 3, 1, 2)) + anp.reshape(b, (1, -1, 1, 1))
+
+
+# ---------------------------------------------------------------------------- models
+
+
+class ShapeError(ValueError):
+    """An input whose shape the model cannot take."""
+
+
+@dataclass(frozen=True)
+class Model:
+    """A network: ``init(rng, dtype)`` draws parameters, ``apply(params, x)`` gives logits."""
+
+    name: str
+    input_shape: tuple          # (C, H, W)
+    num_classes: int
+    init: Callable
+    apply: Callable
+
+    def check_input(self, x_shape):
+        """Raise :class:`ShapeError` with one clear sentence if images of ``x_shape`` do not fit."""
+        got = tuple(x_shape[-3:])
+        if got != tuple(self.input_shape):
+            raise ShapeError(
+                f"model {self.name!r} takes images of shape {tuple(self.input_shape)} (C, H, W) "
+                f"but got {got}; choose a model built for this data set "
+                f"(e.g. build_model(name, dataset.image_shape, dataset.num_classes))."
+            )
+
+
+def _init_params(rng, shapes, scheme, scale, dtype):
+    """Weights from ``scheme``; biases (1-D shapes) start at zero, as in the original code."""
+    rng = backend.rng(rng)
+    params = {}
+    for key, shape in shapes.items():
+        if len(shape) == 1:
+            params[key] = backend.zeros(shape, dtype=dtype)
+        else:
+            params[key] = init_weight(rng, shape, scheme, scale, dtype)
+    return params
+
+
+def _make_init(shapes):
+    def init(rng, dtype="float64", scheme="xavier", scale=1.0):
+        return _init_params(rng, shapes, scheme, scale, dtype)
+
+    init.shapes = shapes
+    return init
+
+
+def mlp(input_shape, hidden=(128,), num_classes=10):
+    """A fully connected ReLU network: flatten → dense → relu → … → dense (logits)."""
+    sizes = [math.prod(input_shape), *hidden, num_classes]
+    shapes = {}
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        shapes[f"w{i}"], shapes[f"b{i}"] = (n_in, n_out), (n_out,)
+    n_layers = len(sizes) - 1
+
+    def apply(params, x):
+        h = flatten(x)
+        for i in range(n_layers):
+            h = dense(h, params[f"w{i}"], params[f"b{i}"])
+            if i < n_layers - 1:
+                h = relu(h)
+        return h
+
+    return Model("mlp", tuple(input_shape), num_classes, _make_init(shapes), apply)
+
+
+def lenet(input_shape=(1, 28, 28), num_classes=10):
+    """LeNet as in the original code: conv 6@5×5 (pad 2 for 28×28, 0 for 32×32) → relu → pool →
+    conv 16@5×5 → relu → pool → 120 → 84 → classes."""
+    c, h, w = input_shape
+    if (h, w) not in ((28, 28), (32, 32)):
+        raise ShapeError(
+            f"lenet takes 28×28 or 32×32 images but got {h}×{w}; use the mlp model for this data set."
+        )
+    pad = 2 if h == 28 else 0
+    shapes = {"c1w": (6, c, 5, 5), "c1b": (6,), "c2w": (16, 6, 5, 5), "c2b": (16,),
+              "f1w": (400, 120), "f1b": (120,), "f2w": (120, 84), "f2b": (84,),
+              "f3w": (84, num_classes), "f3b": (num_classes,)}
+
+    def apply(params, x):
+        h = max_pool2x2(relu(conv2d(x, params["c1w"], params["c1b"], pad=pad)))
+        h = max_pool2x2(relu(conv2d(h, params["c2w"], params["c2b"])))
+        h = relu(dense(flatten(h), params["f1w"], params["f1b"]))
+        h = relu(dense(h, params["f2w"], params["f2b"]))
+        return dense(h, params["f3w"], params["f3b"])
+
+    return Model("lenet", tuple(input_shape), num_classes, _make_init(shapes), apply)
+
+
+def convnet(input_shape=(3, 32, 32), num_classes=10):
+    """A small AlexNet-like convnet for 32×32 colour images (the paper's CIFAR-10 network, scaled
+    down): [conv 5×5 pad 2 → relu → pool] × 2 with 32 and 64 channels → 384 → 192 → classes."""
+    c, h, w = input_shape
+    if (h, w) != (32, 32):
+        raise ShapeError(
+            f"convnet takes 32×32 images but got {h}×{w}; use lenet (28×28) or mlp instead."
+        )
+    shapes = {"c1w": (32, c, 5, 5), "c1b": (32,), "c2w": (64, 32, 5, 5), "c2b": (64,),
+              "f1w": (64 * 8 * 8, 384), "f1b": (384,), "f2w": (384, 192), "f2b": (192,),
+              "f3w": (192, num_classes), "f3b": (num_classes,)}
+
+    def apply(params, x):
+        h = max_pool2x2(relu(conv2d(x, params["c1w"], params["c1b"], pad=2)))
+        h = max_pool2x2(relu(conv2d(h, params["c2w"], params["c2b"], pad=2)))
+        h = relu(dense(flatten(h), params["f1w"], params["f1b"]))
+        h = relu(dense(h, params["f2w"], params["f2b"]))
+        return dense(h, params["f3w"], params["f3b"])
+
+    return Model("convnet", tuple(input_shape), num_classes, _make_init(shapes), apply)
+
+
+MODELS = {"mlp": mlp, "lenet": lenet, "convnet": convnet}
+
+
+def build_model(name, input_shape, num_classes=10, **options):
+    """The model called ``name`` sized for images of ``input_shape`` (C, H, W)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}.")
+    return MODELS[name](tuple(input_shape), num_classes=num_classes, **options)
+
+
+def num_params(params) -> int:
+    return sum(int(math.prod(p.shape)) for p in params.values())

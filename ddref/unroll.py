@@ -1,0 +1,81 @@
+"""The inner loop of Algorithm 1: plain gradient descent on the distilled images.
+
+For epoch e = 0..E-1 and step s = 0..S-1:
+
+    θ ← θ − η̃[e, s] · ∇θ ℓ(x̃[s], θ)
+
+The same S groups of images x̃[s] are reused in every epoch; each (epoch, step) pair has
+its own learning rate η̃[e, s].  Learning rates are stored *raw* and made positive with
+softplus, η̃ = log(1 + exp(raw)), as in the original code.
+
+Every function here is pure, so autograd can differentiate the whole unroll with respect
+to x̃ and the raw learning rates (the 'naive' meta-gradient in :mod:`ddref.hypergrad`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import autograd.numpy as anp
+from autograd import grad
+
+from ddref.losses import cross_entropy
+
+
+def softplus(raw):
+    """η̃ = log(1 + e^raw), computed stably; always positive."""
+    return anp.logaddexp(0.0, raw)
+
+
+def inverse_softplus(lr: float) -> float:
+    """The raw value whose softplus is exactly ``lr`` (> 0)."""
+    if not lr > 0:
+        raise ValueError(f"a learning rate must be positive, got {lr}.")
+    return lr + math.log(-math.expm1(-lr))  # = log(e^lr − 1), without overflow for large lr
+
+
+def inner_loss(apply, params, x, targets):
+    """ℓ(x, θ): the training loss of the network on one step's images."""
+    return cross_entropy(apply(params, x), targets)
+
+
+_inner_grad = grad(inner_loss, 1)
+
+
+def inner_grad(apply, params, x, targets):
+    """∇θ ℓ(x, θ) as a dict shaped like ``params``."""
+    return _inner_grad(apply, params, x, targets)
+
+
+def sgd_step(apply, params, x, targets, lr):
+    """One step of gradient descent: θ − η ∇θ ℓ(x, θ)."""
+    grads = inner_grad(apply, params, x, targets)
+    return {k: params[k] - lr * grads[k] for k in params}
+
+
+def step_schedule(epochs, steps):
+    """The (epoch, step) pairs in the order the inner loop visits them."""
+    return [(e, s) for e in range(epochs) for s in range(steps)]
+
+
+def unroll(apply, theta0, x_distilled, targets, lrs, return_all=False):
+    """Train from ``theta0`` on the distilled images.
+
+    x_distilled : (S, n_per_step, C, H, W) images, one group per step
+    targets     : (n_per_step, K) one-hot (or soft) labels shared by every step
+    lrs         : (E, S) positive learning rates η̃ — E epochs of S steps
+    Returns θ_T, or the list [θ_0, …, θ_T] when ``return_all``.
+    """
+    epochs, steps = lrs.shape
+    if x_distilled.shape[0] != steps:
+        raise ValueError(
+            f"{x_distilled.shape[0]} groups of distilled images but {steps} learning rates per "
+            f"epoch; give lrs the shape (epochs, steps) = (E, {x_distilled.shape[0]})."
+        )
+    params = theta0
+    trajectory = [params]
+    for e, s in step_schedule(epochs, steps):
+        params = sgd_step(apply, params, x_distilled[s], targets, lrs[e, s])
+        if return_all:
+            trajectory.append(params)
+    return trajectory if return_all else params
