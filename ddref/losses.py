@@ -4,15 +4,15 @@ poisoning objective of §3.5 (make class K be read as class T)."""
 from __future__ import annotations
 
 import autograd.numpy as anp
+from autograd.scipy.special import logsumexp
 
 from ddref import backend
 
 
 def log_softmax(logits):
-    """log softmax along the class axis, with the stable log-sum-exp: subtract the row max
-    (treated as a constant — the result does not depend on it) before exponentiating."""
-    shifted = logits - anp.max(logits, axis=1, keepdims=True)
-    return shifted - anp.log(anp.sum(anp.exp(shifted), axis=1, keepdims=True))
+    """log softmax along the class axis: logits − log Σ exp(logits), with autograd's stable
+    log-sum-exp (it subtracts the row max before exponentiating; its derivative is softmax)."""
+    return logits - logsumexp(logits, axis=1, keepdims=True)
 
 
 def one_hot(labels, num_classes, dtype="float64"):

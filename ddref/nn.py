@@ -17,6 +17,7 @@ from typing import Callable
 
 import autograd.numpy as anp
 from autograd.extend import defvjp, primitive
+from autograd.tracer import getval
 
 from ddref import backend
 
@@ -55,63 +56,123 @@ def init_weight(rng, shape, scheme="xavier", scale=1.0, dtype="float64"):
 # ---------------------------------------------------------------------------- layers
 
 
+@primitive
+def matmul(a, b):
+    """a @ b for 2-D arrays.  Its vector–Jacobian products are matrix products again,
+    g @ bᵀ and aᵀ @ g; transposes are views, so every product goes straight to BLAS
+    (autograd's own rule for ``dot`` goes through ``tensordot`` and copies)."""
+    return a @ b
+
+
+defvjp(matmul,
+       lambda ans, a, b: lambda g: matmul(g, anp.transpose(b)),
+       lambda ans, a, b: lambda g: matmul(anp.transpose(a), g))
+
+
 def dense(x, w, b):
     """x: (N, in), w: (in, out), b: (out,)."""
-    return anp.dot(x, w) + b
+    return matmul(x, w) + b
 
 
 def relu(x):
-    return anp.maximum(x, 0.0)
+    """max(x, 0), written as x · [x > 0] so its derivative is a plain mask (the mask is
+    piecewise constant, so second derivatives through it are zero, as they should be)."""
+    return x * (x > 0)
 
 
 def flatten(x):
     return anp.reshape(x, (x.shape[0], -1))
 
 
+# Convolutions and pooling work on NHWC arrays inside the models (channels last keeps each
+# patch contiguous, so im2col is one copy and the convolution one matrix product).  The
+# models take NCHW images, like the data sets, and transpose once on the way in.
+
+
+def to_nhwc(x):
+    return anp.transpose(x, (0, 2, 3, 1))
+
+
+def to_nchw(x):
+    return anp.transpose(x, (0, 3, 1, 2))
+
+
+def max_pool2x2_nhwc(x):
+    """2×2 max-pool with stride 2 on NHWC input (odd trailing rows/columns are dropped)."""
+    n, h, w, c = x.shape
+    if h % 2 or w % 2:
+        x = x[:, : h // 2 * 2, : w // 2 * 2, :]
+    windows = anp.reshape(x, (n, h // 2, 2, w // 2, 2, c))
+    return _max_over_windows(windows)
+
+
+@primitive
+def _max_over_windows(windows):
+    """max over axes 2 and 4 of (N, H/2, 2, W/2, 2, C)."""
+    return windows.max(axis=(2, 4))
+
+
+def _route_to_max(g, windows, pooled):
+    """The VJP of the max-pool: each window's gradient goes to its maximum.  The mask is a
+    constant, so this is linear in g and autograd differentiates it again for free."""
+    windows, pooled = getval(windows), getval(pooled)
+    mask = windows == pooled[:, :, None, :, None, :]
+    mask = mask / mask.sum(axis=(2, 4), keepdims=True)       # split ties evenly
+    return g[:, :, None, :, None, :] * mask.astype(windows.dtype)
+
+
+defvjp(_max_over_windows, lambda ans, windows: lambda g: _route_to_max(g, windows, ans))
+
+
 def max_pool2x2(x):
     """2×2 max-pool with stride 2 on NCHW input (odd trailing rows/columns are dropped)."""
-    n, c, h, w = x.shape
-    x = x[:, :, : h // 2 * 2, : w // 2 * 2]
-    x = anp.reshape(x, (n, c, h // 2, 2, w // 2, 2))
-    return anp.max(anp.max(x, axis=5), axis=3)
+    return to_nchw(max_pool2x2_nhwc(to_nhwc(x)))
 
 
 def _out_size(size, k, stride, pad):
     return (size + 2 * pad - k) // stride + 1
 
 
+def _patch_view(x, kh, kw, stride, ho, wo):
+    """A strided view (N, Ho, Wo, C, kh, kw) of the padded NHWC array x (no copy)."""
+    xp = backend.xp()
+    sliding = getattr(getattr(xp, "lib", None), "stride_tricks", None)
+    if sliding is not None and hasattr(sliding, "sliding_window_view"):
+        view = sliding.sliding_window_view(x, (kh, kw), axis=(1, 2))
+        return view[:, ::stride, ::stride][:, :ho, :wo]
+    patches = [[x[:, i: i + stride * ho: stride, j: j + stride * wo: stride, :] for j in range(kw)]
+               for i in range(kh)]
+    return xp.stack([xp.stack(row, axis=-1) for row in patches], axis=-2)
+
+
 @primitive
 def im2col(x, kh, kw, stride=1, pad=0):
-    """Patches of ``x`` (N, C, H, W) as an array (N, C, kh, kw, Ho, Wo).
+    """Patches of the NHWC array x as an array (N, Ho, Wo, C, kh, kw).
 
-    A linear map of ``x``; its adjoint is :func:`col2im`.  Declaring the pair as
-    primitives whose vector–Jacobian products are each other gives exact derivatives
-    of every order without autograd tracing the index arithmetic.
+    A linear map of x; its adjoint is :func:`col2im`.  Declaring the pair as primitives
+    whose vector–Jacobian products are each other gives exact derivatives of every order
+    without autograd tracing the index arithmetic.
     """
     xp = backend.xp()
-    n, c, h, w = x.shape
+    n, h, w, c = x.shape
     ho, wo = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
     if pad:
-        x = xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    rows = []
-    for i in range(kh):
-        rows.append(xp.stack([
-            x[:, :, i: i + stride * ho: stride, j: j + stride * wo: stride] for j in range(kw)
-        ], axis=2))
-    return xp.stack(rows, axis=2)
+        x = xp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return xp.ascontiguousarray(_patch_view(x, kh, kw, stride, ho, wo))
 
 
 @primitive
 def col2im(cols, x_shape, kh, kw, stride=1, pad=0):
-    """The adjoint of :func:`im2col`: sum patches (N, C, kh, kw, Ho, Wo) back into (N, C, H, W)."""
+    """The adjoint of :func:`im2col`: add patches (N, Ho, Wo, C, kh, kw) back into the NHWC
+    array of shape ``x_shape`` they came from."""
     xp = backend.xp()
-    n, c, h, w = x_shape
-    ho, wo = cols.shape[4], cols.shape[5]
-    out = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
+    n, h, w, c = x_shape
+    ho, wo = cols.shape[1], cols.shape[2]
+    out = xp.zeros((n, h + 2 * pad, w + 2 * pad, c), dtype=cols.dtype)
     for i in range(kh):
         for j in range(kw):
-            out[:, :, i: i + stride * ho: stride, j: j + stride * wo: stride] += cols[:, :, i, j]
-    return out[:, :, pad: pad + h, pad: pad + w]
+            out[:, i: i + stride * ho: stride, j: j + stride * wo: stride, :] += cols[..., i, j]
+    return out[:, pad: pad + h, pad: pad + w, :]
 
 
 defvjp(im2col, lambda ans, x, kh, kw, stride=1, pad=0:
@@ -120,12 +181,19 @@ defvjp(col2im, lambda ans, cols, x_shape, kh, kw, stride=1, pad=0:
        lambda g: im2col(g, kh, kw, stride, pad))
 
 
+def conv2d_nhwc(x, w, b, stride=1, pad=0):
+    """Cross-correlation of the NHWC array x with w (O, C, kh, kw), plus bias b (O,):
+    im2col, then one matrix product over the C·kh·kw entries of each patch."""
+    o, c, kh, kw = w.shape
+    cols = im2col(x, kh, kw, stride, pad)                          # (N, Ho, Wo, C, kh, kw)
+    n, ho, wo = cols.shape[:3]
+    out = matmul(anp.reshape(cols, (n * ho * wo, c * kh * kw)), anp.transpose(anp.reshape(w, (o, -1))))
+    return anp.reshape(out, (n, ho, wo, o)) + b
+
+
 def conv2d(x, w, b, stride=1, pad=0):
-    """Cross-correlation of x (N, C, H, W) with w (O, C, kh, kw), plus bias b (O,): im2col then
-    one tensor contraction over (C, kh, kw)."""
-    cols = im2col(x, w.shape[2], w.shape[3], stride, pad)        # (N, C, kh, kw, Ho, Wo)
-    out = anp.tensordot(cols, w, axes=([1, 2, 3], [1, 2, 3]))    # (N, Ho, Wo, O)
-    return anp.transpose(out, (0, 3, 1, 2)) + anp.reshape(b, (1, -1, 1, 1))
+    """Cross-correlation of x (N, C, H, W) with w (O, C, kh, kw), plus bias b (O,), NCHW in and out."""
+    return to_nchw(conv2d_nhwc(to_nhwc(x), w, b, stride, pad))
 
 
 # ---------------------------------------------------------------------------- models
@@ -209,8 +277,9 @@ def lenet(input_shape=(1, 28, 28), num_classes=10):
               "f3w": (84, num_classes), "f3b": (num_classes,)}
 
     def apply(params, x):
-        h = max_pool2x2(relu(conv2d(x, params["c1w"], params["c1b"], pad=pad)))
-        h = max_pool2x2(relu(conv2d(h, params["c2w"], params["c2b"])))
+        h = to_nhwc(x)
+        h = max_pool2x2_nhwc(relu(conv2d_nhwc(h, params["c1w"], params["c1b"], pad=pad)))
+        h = max_pool2x2_nhwc(relu(conv2d_nhwc(h, params["c2w"], params["c2b"])))
         h = relu(dense(flatten(h), params["f1w"], params["f1b"]))
         h = relu(dense(h, params["f2w"], params["f2b"]))
         return dense(h, params["f3w"], params["f3b"])
@@ -231,8 +300,9 @@ def convnet(input_shape=(3, 32, 32), num_classes=10):
               "f3w": (192, num_classes), "f3b": (num_classes,)}
 
     def apply(params, x):
-        h = max_pool2x2(relu(conv2d(x, params["c1w"], params["c1b"], pad=2)))
-        h = max_pool2x2(relu(conv2d(h, params["c2w"], params["c2b"], pad=2)))
+        h = to_nhwc(x)
+        h = max_pool2x2_nhwc(relu(conv2d_nhwc(h, params["c1w"], params["c1b"], pad=2)))
+        h = max_pool2x2_nhwc(relu(conv2d_nhwc(h, params["c2w"], params["c2b"], pad=2)))
         h = relu(dense(flatten(h), params["f1w"], params["f1b"]))
         h = relu(dense(h, params["f2w"], params["f2b"]))
         return dense(h, params["f3w"], params["f3b"])

@@ -1,0 +1,121 @@
+"""Figures: image grids of distilled or real images, learning-rate schedules, training curves.
+
+All functions draw with matplotlib, return the Figure, and save it when given a path.
+Images are shown in pixel space: the normalisation is undone and values clipped to [0, 1]
+(distilled pixels may leave that range; clipping only affects the picture).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ddref.data import denormalise
+
+
+def to_pixels(images, mean, std):
+    """(…, C, H, W) normalised images → (…, H, W) or (…, H, W, 3) in [0, 1] for imshow."""
+    pixels = np.clip(denormalise(np.asarray(images), mean, std), 0.0, 1.0)
+    pixels = np.moveaxis(pixels, -3, -1)
+    return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+
+
+def _finish(fig, path):
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def image_grid(images, mean, std, row_labels=None, col_labels=None, title=None, path=None,
+               cell=0.9):
+    """A grid of images (R, K, C, H, W): one row per R, one column per K."""
+    pixels = to_pixels(images, mean, std)
+    rows, cols = pixels.shape[:2]
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 0.6, cell * rows + 0.4),
+                             squeeze=False, gridspec_kw=dict(wspace=0.05, hspace=0.05))
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.imshow(pixels[r, c], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0 and col_labels is not None:
+                ax.set_title(str(col_labels[c]), fontsize=9)
+            if c == 0 and row_labels is not None:
+                ax.set_ylabel(str(row_labels[r]), fontsize=8, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _finish(fig, path)
+
+
+def plot_distilled(distilled, class_names=None, title=None, path=None):
+    """The distilled set: rows = steps, columns = images of a step (class-major), with the
+    learned learning rate of that step in every epoch written beside the row."""
+    steps = distilled.images.shape[0]
+    names = class_names if class_names is not None else [str(c) for c in range(int(distilled.labels.max()) + 1)]
+    col_labels = [names[int(c)] for c in distilled.labels]
+    row_labels = [f"step {s + 1}\nη̃ " + ", ".join(f"{lr:.3f}" for lr in distilled.lrs[:, s])
+                  for s in range(steps)]
+    if title is None:
+        cfg = distilled.config
+        title = (f"{cfg.get('dataset', '?')} / {cfg.get('model', '?')}, {cfg.get('init', '?')} init: "
+                 f"{distilled.images.shape[0] * distilled.images.shape[1]} distilled images, "
+                 f"{distilled.lrs.shape[0]} epochs (η̃ per epoch beside each step)")
+    return image_grid(distilled.images, distilled.mean, distilled.std, row_labels=row_labels,
+                      col_labels=col_labels, title=title, path=path)
+
+
+def plot_lr_schedule(lrs, ax=None, path=None, label=None):
+    """Learned learning rates η̃ in the order the inner loop uses them (epoch-major)."""
+    lrs = np.asarray(lrs)
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3))
+    epochs, steps = lrs.shape
+    ax.plot(np.arange(1, lrs.size + 1), lrs.ravel(), marker="o", ms=3, label=label)
+    for e in range(1, epochs):
+        ax.axvline(e * steps + 0.5, color="0.8", lw=0.8)
+    ax.set_xlabel("inner step (epochs separated by grey lines)")
+    ax.set_ylabel("learned η̃")
+    ax.set_title("learned learning rates")
+    return _finish(fig if fig is not None else ax.figure, path)
+
+
+def plot_curves(history, path=None, baseline=None, title=None):
+    """Outer loss and test accuracy against outer iterations."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    its, losses = np.asarray(history.iterations), np.asarray(history.losses)
+    ax_loss.plot(its, losses, lw=0.6, alpha=0.4, color="C0", label="per iteration")
+    if len(losses) >= 20:
+        window = max(len(losses) // 50, 5)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax_loss.plot(its[window - 1:], smooth, color="C0", label=f"mean of {window}")
+    ax_loss.set_xlabel("outer iteration")
+    ax_loss.set_ylabel("outer loss ℓ(x_real, θ_T)")
+    ax_loss.set_yscale("log")
+    ax_loss.legend(fontsize=8)
+    ax_acc.plot(history.eval_iterations, 100 * np.asarray(history.eval_accuracies), marker="o",
+                ms=3, color="C1", label="distilled")
+    if baseline is not None:
+        ax_acc.axhline(100 * baseline, color="0.4", ls="--", label="random real (same count)")
+    ax_acc.set_xlabel("outer iteration")
+    ax_acc.set_ylabel("test accuracy (%)")
+    ax_acc.legend(fontsize=8, loc="lower right")
+    ax_acc.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_real_samples(dataset, per_class=8, seed=0, path=None, title=None):
+    """A grid of real training images: one row per class."""
+    rng = np.random.default_rng(seed)
+    rows = [dataset.x_train[rng.choice(np.flatnonzero(dataset.y_train == c), per_class, replace=False)]
+            for c in range(dataset.num_classes)]
+    return image_grid(np.stack(rows), dataset.mean, dataset.std, row_labels=dataset.classes,
+                      title=title or f"{dataset.name}: {per_class} training images per class",
+                      path=path)

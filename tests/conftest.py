@@ -1,0 +1,60 @@
+"""Shared fixtures for the gradient checks: a seeded RNG, a robust relative error and a
+central finite difference that notices when its step crosses a jump.
+
+Why the jump check: the networks use ReLU and max-pool, so a loss is only piecewise
+smooth, and anything built from a *gradient* (the inner SGD step, hence the whole
+unrolled meta-loss, or a gradient compared by finite differences in a Hessian check) is
+even discontinuous where a unit switches on/off.  A central difference whose ±eps step
+straddles such a switching surface measures the jump, not the derivative.  The helper
+therefore compares the differences at eps and eps/2 (which agree to ~1e-8 on a smooth
+piece and differ wildly across a jump) and only returns an estimate when they agree.
+"""
+
+import numpy as np
+import pytest
+
+
+def _rel_err(a, b, tiny=1e-300):
+    """|a − b| / max(|a|, |b|, tiny) for scalars; the same with 2-norms for arrays."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    num = np.linalg.norm((a - b).ravel())
+    den = max(np.linalg.norm(a.ravel()), np.linalg.norm(b.ravel()), tiny)
+    return float(num / den)
+
+
+def _central_fd(g, eps=1e-6, halvings=3, consistency=3e-7):
+    """d/dt g(t) at t = 0 by (g(h) − g(−h)) / 2h, for a scalar function g.
+
+    Tries h = eps, eps/2, …, eps/2**halvings and returns the estimate at the largest h whose
+    value agrees with the next smaller step to ``consistency`` (relative); ``None`` when no
+    such pair exists (the point is too close to a ReLU / max-pool switch to be checked by
+    finite differences).  Start with a large eps where rounding matters (a derivative much
+    smaller than g itself): a jump only makes the ladder step down.
+    """
+    def central(h):
+        return (float(g(h)) - float(g(-h))) / (2.0 * h)
+
+    previous = central(eps)
+    for k in range(1, halvings + 1):
+        current = central(eps / 2 ** k)
+        if _rel_err(previous, current) < consistency:
+            return previous
+        previous = current
+    return None
+
+
+@pytest.fixture
+def rng():
+    """A fresh, seeded host RNG (every test sees the same numbers)."""
+    return np.random.default_rng(20181127)
+
+
+@pytest.fixture
+def rel_err():
+    return _rel_err
+
+
+@pytest.fixture
+def central_fd():
+    return _central_fd

