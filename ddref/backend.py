@@ -12,16 +12,29 @@ the values are then moved to the selected device with :func:`asarray`.
     >>> x = backend.zeros((2, 3))
 
 Select CuPy with ``backend.use("cupy")`` or the environment variable
-``DDREF_BACKEND=cupy``.
+``DDREF_BACKEND=cupy`` (needs ``pip install "ddref[gpu]"`` and an NVIDIA GPU); select for a
+block only with ``with backend.using("cupy"): ...``.  Nothing here imports CuPy, or the
+autograd patches in ``ddref._cupy``, unless CuPy is selected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy
 
 _STATE = {"name": "numpy", "xp": numpy}
+
+BACKENDS = ("numpy", "cupy")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested array backend cannot run here; the message names the fix."""
+
+
+class CupyNotInstalled(BackendUnavailable, ImportError):
+    """CuPy is not installed (``pip install "ddref[gpu]"``)."""
 
 
 def name() -> str:
@@ -47,6 +60,30 @@ def use(backend_name: str):
             f"unknown backend {backend_name!r}: choose 'numpy' or 'cupy'."
         )
     return _STATE["xp"]
+
+
+@contextlib.contextmanager
+def using(backend_name: str):
+    """Select a backend for the duration of a ``with`` block, then restore the previous one."""
+    saved = dict(_STATE)
+    try:
+        yield use(backend_name)
+    finally:
+        _STATE.clear()
+        _STATE.update(saved)
+
+
+@contextlib.contextmanager
+def _using_namespace(backend_name: str, namespace):
+    """Testing hook: select an arbitrary array namespace (e.g. the fake device of the tests)
+    under ``backend_name`` for a ``with`` block, then restore the previous backend."""
+    saved = dict(_STATE)
+    try:
+        _STATE.update(name=backend_name, xp=namespace)
+        yield namespace
+    finally:
+        _STATE.clear()
+        _STATE.update(saved)
 
 
 def rng(seed) -> numpy.random.Generator:

@@ -7,6 +7,7 @@
     ddref show runs/digits-mlp-fixed
     ddref train --dataset mnist5k --model lenet
     ddref datasets
+    ddref download mnist
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def build_parser():
     p.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("datasets", help="list the data sets and whether each is available now")
+
+    p = sub.add_parser("download", help="download a data set's files into the cache and verify them")
+    p.add_argument("name", help="mnist, usps, svhn or cifar10")
     return parser
 
 
@@ -241,8 +245,18 @@ def cmd_datasets(args):
     return 0
 
 
+def cmd_download(args):
+    paths = data.download(args.name)
+    for path in paths:
+        print(f"verified {path}")
+    if not paths:
+        print(f"{args.name} needs no download")
+    return 0
+
+
 COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show,
-            "train": cmd_train, "datasets": cmd_datasets}
+            "train": cmd_train, "datasets": cmd_datasets,
+            "download": cmd_download}
 
 
 def main(argv=None):

@@ -34,6 +34,10 @@ INIT_MODES = ("fixed", "random")
 OBJECTIVES = ("classify", "attack")
 
 
+# an outer loss above this many times chance level (log K) means the inner training diverged
+DIVERGENCE_FACTOR = 100
+
+
 class DistillError(RuntimeError):
     """A run that cannot go on (a diverging learning rate, a NaN, a bad checkpoint)."""
 
@@ -275,7 +279,7 @@ class Distiller:
 
     def step(self):
         loss, grad_x, grad_raw = self.meta_gradient()
-        self._check_finite(loss, grad_x, grad_raw)
+        self._check_healthy(loss, grad_x, grad_raw)
         self.adam.lr = self.outer_lr()
         updated = self.adam.step({"x": self.x, "raw_lrs": self.raw_lrs},
                                  {"x": grad_x, "raw_lrs": grad_raw})
@@ -285,13 +289,19 @@ class Distiller:
         self.history.losses.append(loss)
         return loss
 
-    def _check_finite(self, loss, grad_x, grad_raw):
+    def _check_healthy(self, loss, grad_x, grad_raw):
+        """Stop with the cause named when the inner training has diverged: a NaN/inf, or an
+        outer loss far above chance level (log K, the loss of a uniform guess)."""
         xp = backend.xp()
-        if math.isfinite(loss) and bool(xp.isfinite(grad_x).all()) and bool(xp.isfinite(grad_raw).all()):
+        finite = (math.isfinite(loss) and bool(xp.isfinite(grad_x).all())
+                  and bool(xp.isfinite(grad_raw).all()))
+        chance = math.log(self.dataset.num_classes)
+        if finite and loss <= DIVERGENCE_FACTOR * chance:
             return
         lrs = backend.to_numpy(self.lrs())
+        what = "became NaN/inf" if not finite else f"is {loss:.3g}, far above chance level {chance:.2f}"
         raise DistillError(
-            f"the outer loss or its gradient became NaN/inf at iteration {self.iteration + 1} "
+            f"the outer loss or its gradient {what} at iteration {self.iteration + 1} "
             f"(learned learning rates now range {lrs.min():.3g}…{lrs.max():.3g}): the inner "
             f"training diverged; lower --distill-lr or the outer --lr and start again, or "
             f"resume from the last good checkpoint.")

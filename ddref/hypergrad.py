@@ -30,7 +30,7 @@ import autograd.numpy as anp
 from autograd import make_vjp, value_and_grad
 
 from ddref.losses import cross_entropy
-from ddref.unroll import inner_grad, softplus, step_schedule, unroll
+from ddref.unroll import check_schedule, inner_grad, softplus, step_schedule, unroll
 
 ENGINES = ("naive", "backgrad")
 
@@ -44,27 +44,29 @@ class MetaGradient:
     grad_raw_lrs: object    # shaped like raw_lrs, (E, S)
 
 
-def outer_loss_of_params(apply, params, x_real, real_targets):
-    """ℓ_obj(x, θ_T): cross-entropy of the trained network on a real batch.  The targets
-    are the true labels (classification) or the attack labels (poisoning, §3.5)."""
-    return cross_entropy(apply(params, x_real), real_targets)
+def outer_loss_of_params(apply, params, x_real, real_targets, loss=cross_entropy):
+    """ℓ_obj(x, θ_T): the loss of the trained network on a real batch.  The targets are the
+    true labels (classification) or the attack labels (poisoning, §3.5)."""
+    return loss(apply(params, x_real), real_targets)
 
 
-def meta_gradient(engine, apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets):
-    """Outer loss and its gradient w.r.t. (x̃, raw η̃) with the chosen engine."""
+def meta_gradient(engine, apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets,
+                  loss=cross_entropy):
+    """Outer loss and its gradient w.r.t. (x̃, raw η̃) with the chosen engine.  ``loss`` is
+    used both inside (training on x̃) and outside (on the real batch)."""
     if engine == "naive":
-        return naive(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets)
+        return naive(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets, loss)
     if engine == "backgrad":
-        return backgrad(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets)
+        return backgrad(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets, loss)
     raise ValueError(f"unknown meta-gradient engine {engine!r}: choose one of {', '.join(ENGINES)}.")
 
 
-def naive(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets):
+def naive(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets, loss=cross_entropy):
     """Autograd through the whole unroll."""
 
     def outer(x_distilled, raw_lrs):
-        params = unroll(apply, theta0, x_distilled, targets, softplus(raw_lrs))
-        return outer_loss_of_params(apply, params, x_real, real_targets)
+        params = unroll(apply, theta0, x_distilled, targets, softplus(raw_lrs), loss=loss)
+        return outer_loss_of_params(apply, params, x_real, real_targets, loss)
 
     loss, (grad_x, grad_raw) = value_and_grad(outer, (0, 1))(x_distilled, raw_lrs)
     return MetaGradient(float(loss), grad_x, grad_raw)
@@ -74,18 +76,19 @@ def _sgd_update(params, grads, lr):
     return {k: params[k] - lr * grads[k] for k in params}
 
 
-def backgrad(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets):
+def backgrad(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets,
+             loss=cross_entropy):
     """Back-gradient: store θ_t on the way forward, then one VJP of the step map per step."""
     lrs = softplus(raw_lrs)
-    schedule = step_schedule(*raw_lrs.shape)
+    schedule = step_schedule(*check_schedule(x_distilled, raw_lrs))
 
     # forward: plain gradient descent, keeping only the weights
     thetas = [theta0]
     for e, s in schedule:
-        grads = inner_grad(apply, thetas[-1], x_distilled[s], targets)
+        grads = inner_grad(apply, thetas[-1], x_distilled[s], targets, loss)
         thetas.append(_sgd_update(thetas[-1], grads, lrs[e, s]))
 
-    loss, v = value_and_grad(outer_loss_of_params, 1)(apply, thetas[-1], x_real, real_targets)
+    outer_loss, v = value_and_grad(outer_loss_of_params, 1)(apply, thetas[-1], x_real, real_targets, loss)
 
     # backward: v holds ∂L/∂θ_{t+1}; turn it into ∂L/∂θ_t step by step
     grad_x_steps = [anp.zeros_like(x_distilled[0]) for _ in range(x_distilled.shape[0])]
@@ -93,7 +96,7 @@ def backgrad(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets)
     for t in reversed(range(len(schedule))):
         e, s = schedule[t]
         pull_back, g = make_vjp(_grad_wrt_params_and_images, 0)(
-            (thetas[t], x_distilled[s]), apply, targets)
+            (thetas[t], x_distilled[s]), apply, targets, loss)
         h_params, h_images = pull_back(v)
         lr = lrs[e, s]
         grad_lrs[e, s] = -sum(anp.vdot(g[k], v[k]) for k in v)
@@ -101,12 +104,12 @@ def backgrad(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets)
         v = {k: v[k] - lr * h_params[k] for k in v}
 
     grad_raw = grad_lrs * _softplus_derivative(raw_lrs)
-    return MetaGradient(float(loss), anp.stack(grad_x_steps), grad_raw)
+    return MetaGradient(float(outer_loss), anp.stack(grad_x_steps), grad_raw)
 
 
-def _grad_wrt_params_and_images(params_and_images, apply, targets):
+def _grad_wrt_params_and_images(params_and_images, apply, targets, loss):
     params, images = params_and_images
-    return inner_grad(apply, params, images, targets)
+    return inner_grad(apply, params, images, targets, loss)
 
 
 def _softplus_derivative(raw):

@@ -573,3 +573,40 @@ def learn_distilled(
         history=history,
         floor=init_std**2 * n_outputs * max(0, dim - n_steps * n_distilled),
     )
+
+
+@dataclass
+class ErrorCurve:
+    """What the learned optimum leaves, for one D and T and each M (the §3.4 transition)."""
+
+    dim: int
+    n_steps: int
+    n_distilled: np.ndarray  # M values
+    expected_error: np.ndarray  # learned E‖θ_T − θ*‖², θ0 ~ N(θ*, I)
+    worst_case_error: np.ndarray  # exact max ‖θ_T − θ*‖ over ‖θ0 − θ*‖ = radius
+    floor: np.ndarray  # max(0, D − T·M), the proven lower bound on expected_error
+    radius: float
+
+
+def learned_error_curve(dim, n_distilled_values, rng, n_steps=1, radius=1.0, **learn_kwargs):
+    """Learn (d̃, t̃, η̃) for each M in ``n_distilled_values`` (θ* ~ N(0, I) drawn from ``rng``)
+    and record the expected and worst-case errors after T steps; see :class:`ErrorCurve`.
+
+    ``learn_kwargs`` go to :func:`learn_distilled` (``n_iters``, ``step_size``, ...).
+    """
+    theta_star = rng.standard_normal(dim)
+    expected, worst = [], []
+    for n_distilled in n_distilled_values:
+        learned = learn_distilled(theta_star, n_distilled, rng, n_steps=n_steps, **learn_kwargs)
+        expected.append(learned.final_error)
+        worst.append(worst_case_error(learned.d_distilled, learned.t_distilled, learned.lrs, theta_star, radius)[0])
+    n_distilled_values = np.asarray(n_distilled_values)
+    return ErrorCurve(
+        dim=dim,
+        n_steps=n_steps,
+        n_distilled=n_distilled_values,
+        expected_error=np.array(expected),
+        worst_case_error=np.array(worst),
+        floor=np.maximum(0, dim - n_steps * n_distilled_values).astype(np.float64),
+        radius=float(radius),
+    )

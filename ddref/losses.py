@@ -4,15 +4,19 @@ poisoning objective of §3.5 (make class K be read as class T)."""
 from __future__ import annotations
 
 import autograd.numpy as anp
-from autograd.scipy.special import logsumexp
+from autograd.tracer import getval
 
 from ddref import backend
 
 
 def log_softmax(logits):
-    """log softmax along the class axis: logits − log Σ exp(logits), with autograd's stable
-    log-sum-exp (it subtracts the row max before exponentiating; its derivative is softmax)."""
-    return logits - logsumexp(logits, axis=1, keepdims=True)
+    """log softmax along the class axis: logits − log Σ exp(logits), computed stably by
+    subtracting the row max m first.  The result does not depend on m, so m is held constant
+    (``getval``): derivatives of every order are exact and nothing is traced through the max.
+    (Written with autograd.numpy rather than scipy's logsumexp, which converts its input to a
+    host array and so cannot run on CuPy arrays.)"""
+    shifted = logits - anp.max(getval(logits), axis=1, keepdims=True)
+    return shifted - anp.log(anp.sum(anp.exp(shifted), axis=1, keepdims=True))
 
 
 def one_hot(labels, num_classes, dtype="float64"):
@@ -27,6 +31,12 @@ def cross_entropy(logits, targets):
     distributions (N, K) — soft labels — or one-hot rows (use :func:`one_hot` for integer
     labels; a dense target keeps the gradient free of scatter operations)."""
     return -anp.mean(anp.sum(targets * log_softmax(logits), axis=1))
+
+
+def squared_error(outputs, targets):
+    """½ · mean over rows of ‖output − target‖²: the quadratic loss of linear regression,
+    ℓ(θ) = 1/(2N) ‖dθ − t‖² (§3.4)."""
+    return 0.5 * anp.mean(anp.sum((outputs - targets) ** 2, axis=1))
 
 
 def accuracy(logits, labels) -> float:

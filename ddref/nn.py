@@ -310,7 +310,18 @@ def convnet(input_shape=(3, 32, 32), num_classes=10):
     return Model("convnet", tuple(input_shape), num_classes, _make_init(shapes), apply)
 
 
-MODELS = {"mlp": mlp, "lenet": lenet, "convnet": convnet}
+def linear(input_shape, num_classes=1):
+    """Linear regression without bias, outputs = flatten(x) · w with w (D, K): the model of the
+    paper's §3.4 (pair it with ``losses.squared_error``)."""
+    shapes = {"w": (math.prod(input_shape), num_classes)}
+
+    def apply(params, x):
+        return matmul(flatten(x), params["w"])
+
+    return Model("linear", tuple(input_shape), num_classes, _make_init(shapes), apply)
+
+
+MODELS = {"mlp": mlp, "lenet": lenet, "convnet": convnet, "linear": linear}
 
 
 def build_model(name, input_shape, num_classes=10, **options):

@@ -46,8 +46,8 @@ def image_grid(images, mean, std, row_labels=None, col_labels=None, title=None, 
                 ax.set_title(str(col_labels[c]), fontsize=9)
             if c == 0 and row_labels is not None:
                 ax.set_ylabel(str(row_labels[r]), fontsize=8, rotation=0, ha="right", va="center")
-    if title:
-        fig.suptitle(title, fontsize=11)
+    if title:  # above the column labels, whatever the number of rows
+        fig.suptitle(title, fontsize=11, y=1.0 + 0.35 / fig.get_figheight())
     return _finish(fig, path)
 
 

@@ -34,22 +34,23 @@ def inverse_softplus(lr: float) -> float:
     return lr + math.log(-math.expm1(-lr))  # = log(e^lr − 1), without overflow for large lr
 
 
-def inner_loss(apply, params, x, targets):
-    """ℓ(x, θ): the training loss of the network on one step's images."""
-    return cross_entropy(apply(params, x), targets)
+def inner_loss(apply, params, x, targets, loss=cross_entropy):
+    """ℓ(x, θ): the training loss of the network on one step's images (cross-entropy unless
+    another ``loss(outputs, targets)`` is given, e.g. the squared error of §3.4)."""
+    return loss(apply(params, x), targets)
 
 
 _inner_grad = grad(inner_loss, 1)
 
 
-def inner_grad(apply, params, x, targets):
+def inner_grad(apply, params, x, targets, loss=cross_entropy):
     """∇θ ℓ(x, θ) as a dict shaped like ``params``."""
-    return _inner_grad(apply, params, x, targets)
+    return _inner_grad(apply, params, x, targets, loss)
 
 
-def sgd_step(apply, params, x, targets, lr):
+def sgd_step(apply, params, x, targets, lr, loss=cross_entropy):
     """One step of gradient descent: θ − η ∇θ ℓ(x, θ)."""
-    grads = inner_grad(apply, params, x, targets)
+    grads = inner_grad(apply, params, x, targets, loss)
     return {k: params[k] - lr * grads[k] for k in params}
 
 
@@ -58,7 +59,18 @@ def step_schedule(epochs, steps):
     return [(e, s) for e in range(epochs) for s in range(steps)]
 
 
-def unroll(apply, theta0, x_distilled, targets, lrs, return_all=False):
+def check_schedule(x_distilled, lrs):
+    """(epochs, steps) of a learning-rate table that fits the distilled images, else one clear
+    ValueError: lrs must be (E, S) for x_distilled of shape (S, n, C, H, W)."""
+    steps = x_distilled.shape[0]
+    if len(lrs.shape) != 2 or lrs.shape[1] != steps:
+        raise ValueError(
+            f"learning rates of shape {tuple(lrs.shape)} do not fit {steps} groups of distilled "
+            f"images; give them the shape (epochs, steps) = (E, {steps}).")
+    return lrs.shape
+
+
+def unroll(apply, theta0, x_distilled, targets, lrs, return_all=False, loss=cross_entropy):
     """Train from ``theta0`` on the distilled images.
 
     x_distilled : (S, n_per_step, C, H, W) images, one group per step
@@ -66,16 +78,11 @@ def unroll(apply, theta0, x_distilled, targets, lrs, return_all=False):
     lrs         : (E, S) positive learning rates η̃ — E epochs of S steps
     Returns θ_T, or the list [θ_0, …, θ_T] when ``return_all``.
     """
-    epochs, steps = lrs.shape
-    if x_distilled.shape[0] != steps:
-        raise ValueError(
-            f"{x_distilled.shape[0]} groups of distilled images but {steps} learning rates per "
-            f"epoch; give lrs the shape (epochs, steps) = (E, {x_distilled.shape[0]})."
-        )
+    epochs, steps = check_schedule(x_distilled, lrs)
     params = theta0
     trajectory = [params]
     for e, s in step_schedule(epochs, steps):
-        params = sgd_step(apply, params, x_distilled[s], targets, lrs[e, s])
+        params = sgd_step(apply, params, x_distilled[s], targets, lrs[e, s], loss)
         if return_all:
             trajectory.append(params)
     return trajectory if return_all else params

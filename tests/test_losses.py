@@ -64,7 +64,7 @@ def test_cross_entropy_stable_for_huge_logits():
 @pytest.mark.parametrize("labels", ["hard", "soft"])
 def test_cross_entropy_gradient_matches_finite_differences(rng, rel_err, central_fd, labels):
     n, k = 4, 6
-    z = rng.normal(size=(n, k)) * 2
+    z = rng.normal(size=(n, k))      # moderate logits: no partial is vanishingly small
     t = losses.one_hot(rng.integers(0, k, n), k) if labels == "hard" else soft_labels(rng, n, k)
     g = grad(losses.cross_entropy)(z, t)
     # closed form: (softmax(z) − t) / N
@@ -73,11 +73,12 @@ def test_cross_entropy_gradient_matches_finite_differences(rng, rel_err, central
     for i in np.ndindex(z.shape):                       # every coordinate
         e = np.zeros_like(z)
         e[i] = 1.0
-        fd = central_fd(lambda s: losses.cross_entropy(z + s * e, t))
-        assert rel_err(fd, g[i]) < TOL, i
+        # a large eps: the loss is smooth, and some partials are ~1e-4 next to ℓ ≈ 2
+        fd = central_fd(lambda s: losses.cross_entropy(z + s * e, t), eps=1e-4, halvings=6)
+        assert fd is not None and rel_err(fd, g[i]) < TOL, i
     d = rng.normal(size=z.shape)                        # and a random direction
-    fd = central_fd(lambda s: losses.cross_entropy(z + s * d, t))
-    assert rel_err(fd, np.vdot(g, d)) < TOL
+    fd = central_fd(lambda s: losses.cross_entropy(z + s * d, t), eps=1e-4, halvings=6)
+    assert fd is not None and rel_err(fd, np.vdot(g, d)) < TOL
 
 
 def test_accuracy():
