@@ -70,13 +70,13 @@ def load():
         import cupy
     except ImportError as err:
         raise CupyNotInstalled(
-            f'the cupy backend needs CuPy, which could not be imported ({err}); install it with '
-            f'`pip install "ddref[gpu]"` or use the numpy backend.') from err
+            f'the cupy backend needs CuPy, which could not be imported ({_first_line(err)}); '
+            f'install it with `pip install "ddref[gpu]"` or use the numpy backend.') from err
     try:
         devices = cupy.cuda.runtime.getDeviceCount()
     except Exception as err:                      # CUDARuntimeError without a driver or device
         raise BackendUnavailable(
-            f"CuPy is installed but found no usable CUDA GPU ({err}); run on a machine with an "
+            f"CuPy is installed but found no usable CUDA GPU ({_first_line(err)}); run on a machine with an "
             f"NVIDIA GPU or use the numpy backend.") from err
     if devices < 1:
         raise BackendUnavailable(
@@ -84,6 +84,11 @@ def load():
             "the numpy backend.")
     install(cupy, cupy.ndarray)
     return cupy
+
+
+def _first_line(err):
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def autograd_version() -> str:
@@ -194,10 +199,13 @@ def _device_vspace(value):
 # ---------------------------------------------------------------------------- gradient rules
 
 
+_HOST_VJPS: dict = {}         # primitive -> autograd's own VJP rule, kept for host arrays
+
+
 def _on_device(fun, *vjpmakers, **kwargs):
     """Give primitive ``fun`` the VJPs ``vjpmakers`` (as in ``defvjp``) when its output or an
     argument is a device array; autograd's own rule stays in charge of host arrays."""
-    host = primitive_vjps[fun]
+    host = _HOST_VJPS[fun] = primitive_vjps[fun]
     defvjp(fun, *vjpmakers, **kwargs)
     device = primitive_vjps[fun]
 

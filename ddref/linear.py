@@ -245,6 +245,12 @@ def max_error_on_sphere(residual_map, offset, radius):
     """
     residual_map = _finite_float64("residual_map", residual_map)
     offset = _finite_float64("offset", offset)
+    dim = offset.shape[0] if offset.ndim else 0
+    if residual_map.shape != (dim, dim) or offset.ndim not in (1, 2):
+        raise ValueError(
+            f"residual_map must be square and match offset of shape (D,) or (D, K); got "
+            f"{residual_map.shape} and {offset.shape}."
+        )
     radius = float(radius)
     if radius < 0:
         raise ValueError(f"radius must be non-negative; got {radius}.")
@@ -262,41 +268,45 @@ def max_error_on_sphere(residual_map, offset, radius):
 
 
 def _trust_region_maximiser(sigma, c, radius):
-    """argmax_{‖y‖ = r} Σ (σ_i y_i + c_i)²  for σ_i ≥ 0 (see :func:`max_error_on_sphere`)."""
+    """argmax_{‖y‖ = r} Σ (σ_i y_i + c_i)²  for σ_i ≥ 0 (see :func:`max_error_on_sphere`).
+
+    Writing μ = σ_max² + δ (δ ≥ 0) and g_i = (σ_max − σ_i)(σ_max + σ_i), the maximiser is
+    y_i = σ_i c_i / (δ + g_i): computing δ + g_i, not μ − σ_i², keeps full precision when
+    δ is tiny.  On the top singular directions (g_i = 0) y is parallel to c, and its
+    length is whatever ‖y‖ = r leaves over; with c = 0 there (the hard case) any
+    direction in the top subspace will do and δ → 0.
+    """
     if radius == 0:
         return np.zeros_like(c)
     sigma_max = sigma.max()
-    scale = max(sigma_max, np.abs(c).max(), 1e-300)
-    if sigma_max <= 1e-15 * scale:  # A = 0: every e gives ‖b‖
-        y = np.zeros_like(c)
-        y[0] = radius
-        return y
+    gap = (sigma_max - sigma) * (sigma_max + sigma)
     top = sigma >= sigma_max * (1 - 1e-12)
     rest = ~top
 
-    def y_of(mu):
-        return sigma * c / (mu - sigma**2)
+    def rest_norm2(delta):
+        return np.sum((sigma[rest] * c[rest] / (delta + gap[rest])) ** 2)
 
-    c_top = np.linalg.norm(c[top])
-    if c_top <= 1e-14 * max(np.linalg.norm(c), 1e-300):
-        # Hard case candidate: μ = σ_max², free norm on the top directions.
-        y_rest = np.zeros_like(c)
-        y_rest[rest] = sigma[rest] * c[rest] / (sigma_max**2 - sigma[rest] ** 2)
-        leftover = radius**2 - np.sum(y_rest**2)
-        if leftover >= 0:
-            y_rest[np.flatnonzero(top)[0]] = np.sqrt(leftover)
-            return y_rest
-    # ‖y(μ)‖² ≤ σ_max² ‖c‖² / (μ − σ_max²)², so ‖y‖ ≤ r once μ − σ_max² ≥ σ_max ‖c‖ / r.
-    low, high = sigma_max**2, sigma_max**2 + sigma_max * np.linalg.norm(c) / radius
-    for _ in range(200):
+    def norm2(delta):
+        return rest_norm2(delta) + (sigma_max / delta) ** 2 * np.sum(c[top] ** 2)
+
+    # ‖y(δ)‖² ≤ σ_max² ‖c‖² / δ², so ‖y‖ ≤ r once δ ≥ σ_max ‖c‖ / r; ‖y(δ)‖ decreases in δ.
+    low, high = 0.0, sigma_max * np.linalg.norm(c) / radius
+    for _ in range(400):
         mid = 0.5 * (low + high)
         if mid in (low, high):
             break
-        if np.sum(y_of(mid) ** 2) > radius**2:
+        if norm2(mid) > radius**2:
             low = mid
         else:
             high = mid
-    y = y_of(high)
+    y = np.zeros_like(c)
+    y[rest] = sigma[rest] * c[rest] / (high + gap[rest])
+    fill = np.sqrt(max(radius**2 - np.sum(y[rest] ** 2), 0.0))
+    c_top = c[top]
+    if np.any(c_top != 0):
+        y[top] = fill * c_top / np.linalg.norm(c_top)
+    else:
+        y[np.flatnonzero(top)[0]] = fill
     return y * (radius / np.linalg.norm(y))
 
 
@@ -350,7 +360,9 @@ def unit_eigenvalues(d_distilled, lr):
     D − rank(d̃ᵀd̃) ≥ D − M.  Counted from the eigenvalues of A (tolerance scaled to
     the rounding error of forming A), independently of :func:`uncorrected_directions`.
     """
-    d_distilled, _ = _check_data(d_distilled, np.zeros(np.shape(d_distilled)[0]), ("d_distilled", "t"))
+    d_distilled = _finite_float64("d_distilled", d_distilled)
+    if d_distilled.ndim != 2:
+        raise ValueError(f"d_distilled must have shape (M, D); got shape {d_distilled.shape}.")
     lr = _check_lr(lr)
     n_distilled, dim = d_distilled.shape
     gram = (lr / n_distilled) * d_distilled.T @ d_distilled
@@ -610,3 +622,80 @@ def learned_error_curve(dim, n_distilled_values, rng, n_steps=1, radius=1.0, **l
         floor=np.maximum(0, dim - n_steps * n_distilled_values).astype(np.float64),
         radius=float(radius),
     )
+
+
+# ---------------------------------------------------------------------------------
+# The same story told by the general machinery of Algorithm 1.
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Algorithm1Result:
+    """Distilled points learned by :mod:`ddref.hypergrad` (not by the closed forms above)."""
+
+    d_distilled: np.ndarray   # (M, D)
+    t_distilled: np.ndarray   # (M, K), fixed labels as in Algorithm 1
+    lr: float
+    losses: list = field(default_factory=list)
+
+    def residual_norm(self):
+        """‖I − (η̃/M) d̃ᵀd̃‖₂: zero exactly when d̃ᵀd̃ = (M/η̃)·I."""
+        m, dim = self.d_distilled.shape
+        residual = np.eye(dim) - self.lr / m * self.d_distilled.T @ self.d_distilled
+        return float(np.linalg.norm(residual, 2))
+
+
+def cubature_inits(dim, n_outputs):
+    """The 2·D·K points ±√(D·K)·e_i: their mean of any quadratic function of θ0 equals its
+    expectation over θ0 ~ N(0, I) exactly.  After one step θ1 is affine in θ0 and the loss
+    quadratic in θ1, so averaging the meta-gradient over these points gives the expected
+    meta-gradient over random initialisations, without sampling noise."""
+    size = dim * n_outputs
+    points = np.sqrt(size) * np.concatenate([np.eye(size), -np.eye(size)])
+    return [{"w": p.reshape(dim, n_outputs)} for p in points]
+
+
+def distill_with_algorithm1(d, t, n_distilled, rng, iterations=300, inits="cubature", n_nets=4,
+                            initial_lr=0.02, step_size=0.3, engine="backgrad"):
+    """Distil linear regression with the general code: the ``linear`` model of :mod:`ddref.nn`,
+    the squared error as ℓ, one step of :func:`ddref.unroll.unroll`, meta-gradients from
+    :func:`ddref.hypergrad.meta_gradient` averaged over initialisations θ0 ~ N(0, I), and
+    Adam on (d̃, raw η̃) with t̃ fixed, as Algorithm 1 keeps labels fixed.
+
+    ``inits='cubature'`` averages over :func:`cubature_inits` (the exact expectation);
+    ``inits='random'`` draws ``n_nets`` fresh θ0 each iteration, as ``ddref distill`` does.
+    For K = 1 output a fixed t̃ is no restriction (η̃ can rescale it), so when M ≥ D the
+    learned d̃ approaches d̃ᵀd̃ = (M/η̃)·I; when M < D the null space of d̃ stays.
+    """
+    from ddref import hypergrad, nn
+    from ddref.evaluate import Adam
+    from ddref.losses import squared_error
+    from ddref.unroll import inverse_softplus
+    from ddref.unroll import softplus as positive
+
+    if inits not in ("cubature", "random"):
+        raise ValueError(f"inits must be 'cubature' or 'random', got {inits!r}.")
+    d, t = _check_data(d, t)
+    t = t.reshape(len(t), -1)
+    dim, n_outputs = d.shape[1], t.shape[1]
+    model = nn.linear((1, 1, dim), n_outputs)
+    x_real = d.reshape(len(d), 1, 1, dim)
+    x = rng.standard_normal((1, n_distilled, 1, 1, dim))
+    t_distilled = rng.standard_normal((n_distilled, n_outputs))
+    raw_lr = np.full((1, 1), inverse_softplus(initial_lr))
+    adam = Adam({"x": x, "raw_lr": raw_lr}, lr=step_size, betas=(0.9, 0.999))
+    losses = []
+    for _ in range(iterations):
+        theta0s = (cubature_inits(dim, n_outputs) if inits == "cubature"
+                   else [model.init(rng, scheme="normal") for _ in range(n_nets)])
+        grad_x, grad_lr, outer = 0.0, 0.0, 0.0
+        for theta0 in theta0s:
+            mg = hypergrad.meta_gradient(engine, model.apply, theta0, x, t_distilled, raw_lr,
+                                         x_real, t, loss=squared_error)
+            grad_x, grad_lr, outer = grad_x + mg.grad_x, grad_lr + mg.grad_raw_lrs, outer + mg.loss
+        n = len(theta0s)
+        updated = adam.step({"x": x, "raw_lr": raw_lr}, {"x": grad_x / n, "raw_lr": grad_lr / n})
+        x, raw_lr = updated["x"], updated["raw_lr"]
+        losses.append(outer / n)
+    return Algorithm1Result(x.reshape(n_distilled, dim), t_distilled,
+                            float(positive(raw_lr)[0, 0]), losses)

@@ -3,6 +3,8 @@ poisoning objective of §3.5 (make class K be read as class T)."""
 
 from __future__ import annotations
 
+import numbers
+
 import autograd.numpy as anp
 from autograd.tracer import getval
 
@@ -51,10 +53,12 @@ def attack_targets(labels, num_classes, source_class, target_class, dtype="float
     cross-entropy against these targets makes the trained network read K as T while
     leaving the other classes alone."""
     for name, value in (("source_class", source_class), ("target_class", target_class)):
-        if not 0 <= value < num_classes:
+        if not isinstance(value, numbers.Integral) or not 0 <= value < num_classes:
             raise ValueError(f"{name}={value} is not a class index in 0..{num_classes - 1}.")
     if source_class == target_class:
         raise ValueError("source_class and target_class must differ for an attack.")
     labels = backend.to_numpy(labels).copy()
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}; got {labels.min()}..{labels.max()}.")
     labels[labels == source_class] = target_class
     return one_hot(labels, num_classes, dtype)

@@ -116,9 +116,10 @@ def _route_to_max(g, windows, pooled):
     """The VJP of the max-pool: each window's gradient goes to its maximum.  The mask is a
     constant, so this is linear in g and autograd differentiates it again for free."""
     windows, pooled = getval(windows), getval(pooled)
-    mask = windows == pooled[:, :, None, :, None, :]
+    n, h, _, w, _, c = windows.shape
+    mask = windows == pooled.reshape(n, h, 1, w, 1, c)
     mask = mask / mask.sum(axis=(2, 4), keepdims=True)       # split ties evenly
-    return g[:, :, None, :, None, :] * mask.astype(windows.dtype)
+    return anp.reshape(g, (n, h, 1, w, 1, c)) * mask.astype(windows.dtype)
 
 
 defvjp(_max_over_windows, lambda ans, windows: lambda g: _route_to_max(g, windows, ans))

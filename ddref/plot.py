@@ -34,8 +34,9 @@ def image_grid(images, mean, std, row_labels=None, col_labels=None, title=None, 
     """A grid of images (R, K, C, H, W): one row per R, one column per K."""
     pixels = to_pixels(images, mean, std)
     rows, cols = pixels.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 0.6, cell * rows + 0.4),
-                             squeeze=False, gridspec_kw=dict(wspace=0.05, hspace=0.05))
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 0.6, cell * rows + 0.6),
+                             squeeze=False, layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.02, hspace=0.02)
     for r in range(rows):
         for c in range(cols):
             ax = axes[r, c]
@@ -46,8 +47,8 @@ def image_grid(images, mean, std, row_labels=None, col_labels=None, title=None, 
                 ax.set_title(str(col_labels[c]), fontsize=9)
             if c == 0 and row_labels is not None:
                 ax.set_ylabel(str(row_labels[r]), fontsize=8, rotation=0, ha="right", va="center")
-    if title:  # above the column labels, whatever the number of rows
-        fig.suptitle(title, fontsize=11, y=1.0 + 0.35 / fig.get_figheight())
+    if title:
+        fig.suptitle(title, fontsize=11)
     return _finish(fig, path)
 
 

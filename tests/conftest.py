@@ -6,8 +6,9 @@ smooth, and anything built from a *gradient* (the inner SGD step, hence the whol
 unrolled meta-loss, or a gradient compared by finite differences in a Hessian check) is
 even discontinuous where a unit switches on/off.  A central difference whose ±eps step
 straddles such a switching surface measures the jump, not the derivative.  The helper
-therefore compares the differences at eps and eps/2 (which agree to ~1e-8 on a smooth
-piece and differ wildly across a jump) and only returns an estimate when they agree.
+therefore walks down a ladder eps, eps/2, eps/4, … and returns the first estimate that
+agrees with the next rung (on a smooth piece they agree to ~1e-8; across a jump they
+differ wildly), or None when none does.
 """
 
 import os

@@ -32,20 +32,20 @@ def project(f, out_shape, rng):
 
 def probe_direction(g, rng):
     """ĝ + r̂: the unit gradient plus a unit random vector.  A plain random direction is
-    nearly orthogonal to g in many dimensions, making ⟨g, d⟩ so small that rounding in the
-    finite difference reaches 1e-6; ĝ keeps ⟨g, d⟩ ≈ ‖g‖ and r̂ probes everything else."""
+    nearly orthogonal to g in many dimensions, so ⟨g, d⟩ is sometimes tiny by chance and
+    rounding or the O(eps²) term alone then exceeds 1e-6 relative; ĝ keeps ⟨g, d⟩ ≈ ‖g‖
+    while r̂ still probes the other directions (an error e in g shows up as ⟨e, d⟩)."""
     r = rng.normal(size=np.shape(g))
     norm = np.linalg.norm(g)
     return (g / norm if norm > 0 else 0.0) + r / np.linalg.norm(r)
 
 
 def check_directional(fn, args, argnum, rng, rel_err, central_fd, directions=2):
-    """∇_{args[argnum]} fn agrees with central differences along ĝ + r̂ and along a plain
-    random direction."""
+    """∇_{args[argnum]} fn agrees with central differences along directions ĝ + r̂."""
     g = grad(fn, argnum)(*args)
     x = args[argnum]
-    for k in range(directions):
-        d = probe_direction(g, rng) if k == 0 else rng.normal(size=x.shape)
+    for _ in range(directions):
+        d = probe_direction(g, rng)
 
         def along(t, d=d):
             shifted = list(args)
@@ -111,14 +111,55 @@ def test_conv2d_matches_direct_loops(rng, h, w, kh, kw, stride, pad):
 
 
 @pytest.mark.parametrize("h,w,kh,kw,stride,pad", CONV_CASES)
-def test_im2col_col2im_are_adjoint(rng, h, w, kh, kw, stride, pad):
+def test_conv2d_nhwc_is_conv2d_transposed(rng, h, w, kh, kw, stride, pad):
     x = rng.normal(size=(2, 3, h, w))
+    wt, b = rng.normal(size=(4, 3, kh, kw)), rng.normal(size=4)
+    got = nn.conv2d_nhwc(nn.to_nhwc(x), wt, b, stride, pad)
+    np.testing.assert_allclose(nn.to_nchw(got), naive_conv2d(x, wt, b, stride, pad),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("h,w,kh,kw,stride,pad", CONV_CASES)
+def test_im2col_extracts_the_patches(rng, h, w, kh, kw, stride, pad):
+    """cols[n, p, q, c, i, j] = x_padded[n, p·stride + i, q·stride + j, c] (NHWC)."""
+    x = rng.normal(size=(2, h, w, 3))
+    cols = nn.im2col(x, kh, kw, stride, pad)
+    ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
+    assert cols.shape == (2, ho, wo, 3, kh, kw)
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    for p, q, i, j in itertools.product(range(ho), range(wo), range(kh), range(kw)):
+        np.testing.assert_array_equal(cols[:, p, q, :, i, j], xp[:, p * stride + i, q * stride + j, :])
+
+
+@pytest.mark.parametrize("h,w,kh,kw,stride,pad", CONV_CASES)
+def test_im2col_col2im_are_adjoint(rng, h, w, kh, kw, stride, pad):
+    """⟨im2col(x), c⟩ = ⟨x, col2im(c)⟩ — what makes each the other's VJP."""
+    x = rng.normal(size=(2, h, w, 3))
     cols = nn.im2col(x, kh, kw, stride, pad)
     c = rng.normal(size=cols.shape)
     back = nn.col2im(c, x.shape, kh, kw, stride, pad)
     assert back.shape == x.shape
     lhs, rhs = np.vdot(cols, c), np.vdot(x, back)
     assert abs(lhs - rhs) <= 1e-12 * max(abs(lhs), abs(rhs), 1.0)
+
+
+class _NumpyWithoutSlidingWindows:
+    """numpy, minus ``lib.stride_tricks`` — like an array library lacking
+    sliding_window_view, which sends im2col down its explicit-slicing fallback."""
+
+    lib = object()
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+@pytest.mark.parametrize("h,w,kh,kw,stride,pad", CONV_CASES)
+def test_im2col_fallback_path_agrees(rng, monkeypatch, h, w, kh, kw, stride, pad):
+    from ddref import backend
+    x = rng.normal(size=(2, h, w, 3))
+    want = nn.im2col(x, kh, kw, stride, pad)
+    monkeypatch.setitem(backend._STATE, "xp", _NumpyWithoutSlidingWindows())
+    np.testing.assert_array_equal(nn.im2col(x, kh, kw, stride, pad), want)
 
 
 @pytest.mark.parametrize("stride,pad", [(1, 0), (1, 2), (2, 0), (2, 2)])
@@ -148,7 +189,7 @@ def test_conv2d_second_derivative_matches_finite_differences(rng, rel_err, centr
     u = rng.normal(size=w.shape)
     # ⟨∇_w f, u⟩ as a function of x: its x-gradient is the mixed second derivative
     mixed = grad(lambda x: anp.sum(grad(f_ag, 1)(x, w) * u))(x)
-    for d in (probe_direction(mixed, rng), rng.normal(size=x.shape)):
+    for d in (probe_direction(mixed, rng), probe_direction(mixed, rng)):
         fd = central_fd(lambda t: np.vdot(grad(f_ag, 1)(x + t * d, w), u), eps=1e-5)
         assert fd is not None
         assert rel_err(fd, np.vdot(mixed, d)) < TOL
@@ -156,9 +197,29 @@ def test_conv2d_second_derivative_matches_finite_differences(rng, rel_err, centr
 
 def test_dense_gradients_match_finite_differences(rng, rel_err, central_fd):
     x, w, b = rng.normal(size=(4, 5)), rng.normal(size=(5, 3)), rng.normal(size=3)
+    np.testing.assert_allclose(nn.dense(x, w, b), x @ w + b, rtol=1e-14)
     f = project(nn.dense, (4, 3), rng)
     for argnum in range(3):
         check_directional(f, (x, w, b), argnum, rng, rel_err, central_fd)
+
+
+def test_matmul_second_derivative_matches_finite_differences(rng, rel_err, central_fd):
+    """matmul is a primitive whose VJPs are matmuls again: check a mixed second derivative
+    of a nonlinear function of it (∂/∂a ⟨∇_b f, u⟩) against finite differences."""
+    a, b = rng.normal(size=(4, 5)), rng.normal(size=(5, 3))
+    r, u = rng.normal(size=(4, 3)), rng.normal(size=(5, 3))
+
+    def f(a, b):
+        return anp.sum(anp.tanh(nn.matmul(a, b)) * r)
+
+    def u_dot_grad_b(a):
+        return anp.sum(grad(f, 1)(a, b) * u)
+
+    mixed = grad(u_dot_grad_b)(a)
+    for _ in range(2):
+        d = probe_direction(mixed, rng)
+        fd = central_fd(lambda t: u_dot_grad_b(a + t * d), eps=1e-5)
+        assert fd is not None and rel_err(fd, np.vdot(mixed, d)) < TOL
 
 
 def test_relu_value_and_gradient(rng, rel_err, central_fd):
@@ -187,6 +248,16 @@ def test_max_pool_value_and_gradient(rng, rel_err, central_fd, shape):
     g = grad(lambda x: anp.sum(nn.max_pool2x2(x)))(x)
     assert g.sum() == pytest.approx(out.size)
     assert set(np.unique(g)) <= {0.0, 1.0}
+    # the NHWC version is the same map
+    np.testing.assert_array_equal(nn.to_nchw(nn.max_pool2x2_nhwc(nn.to_nhwc(x))), out)
+
+
+def test_max_pool_splits_ties_evenly():
+    x = np.zeros((1, 1, 4, 4))
+    x[0, 0, 2:, 2:] = [[1.0, 1.0], [0.0, 1.0]]      # one window with a three-way tie
+    g = grad(lambda x: anp.sum(nn.max_pool2x2(x)))(x)
+    np.testing.assert_allclose(g[0, 0, :2, :2], 0.25)               # all four equal (zero)
+    np.testing.assert_allclose(g[0, 0, 2:, 2:], [[1 / 3, 1 / 3], [0.0, 1 / 3]])
 
 
 def test_flatten(rng):
@@ -274,7 +345,7 @@ def test_apply_does_not_mutate_inputs(rng, name, shape):
 @pytest.mark.parametrize("name,shape,classes", [
     ("mlp", (1, 8, 8), 10), ("mlp", (3, 5, 4), 7),
     ("lenet", (1, 28, 28), 10), ("lenet", (1, 32, 32), 10), ("lenet", (3, 32, 32), 4),
-    ("convnet", (3, 32, 32), 10), ("convnet", (1, 32, 32), 3),
+    ("convnet", (3, 32, 32), 10), ("convnet", (1, 32, 32), 3), ("linear", (1, 4, 4), 2),
 ])
 def test_output_shapes(rng, name, shape, classes):
     model = nn.build_model(name, shape, classes)
