@@ -334,7 +334,7 @@ def _download_verified(url: str, path: pathlib.Path, md5: str) -> None:
 
 def _copy_response(url: str, stream, label: str) -> str:
     """Copy the body at ``url`` into ``stream`` with a progress bar; return its MD5."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     digest = hashlib.md5()
     with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:

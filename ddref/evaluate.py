@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from autograd import value_and_grad
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ddref import backend
 from ddref.losses import accuracy, cross_entropy, one_hot

@@ -10,6 +10,7 @@ cell's source and traceback.
 """
 
 import pathlib
+import re
 import shutil
 
 import pytest
@@ -42,9 +43,17 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
         kernel_name="python3",
         resources={"metadata": {"path": str(workdir)}},
     )
+    failure = None
     try:
         client.execute()
     except nbclient.exceptions.CellExecutionError as error:
-        pytest.fail(f"{path.name}: a cell raised an error\n{error}", pytrace=False)
+        failure = f"{path.name}: a cell raised an error\n{_plain(error)}"
     except nbclient.exceptions.CellTimeoutError as error:
-        pytest.fail(f"{path.name}: a cell ran longer than {CELL_TIMEOUT_S} s\n{error}", pytrace=False)
+        failure = f"{path.name}: a cell ran longer than {CELL_TIMEOUT_S} s\n{_plain(error)}"
+    if failure:
+        pytest.fail(failure, pytrace=False)
+
+
+def _plain(error) -> str:
+    """The error's text without the terminal colour codes IPython puts in tracebacks."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(error))
