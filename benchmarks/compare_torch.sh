@@ -7,7 +7,8 @@
 #          meta-gradient + Adam step), engines backgrad and naive
 # Each run is its own process (peak RSS is per process); the table gives median seconds per
 # outer iteration (first 2 iterations dropped, as torch_dd.py does), peak RSS, and the ratio of
-# every row to the two torch rows of its model.  Takes about 3–5 minutes on 2 busy cores.
+# every row to the two torch rows of its model.  Takes about 1.5 minutes on 2 quiet cores,
+# up to ~5 on busy ones (ddref runs stop after MAX_SECONDS).
 #
 # Usage: bash benchmarks/compare_torch.sh
 # Environment (all optional):

@@ -39,7 +39,7 @@ overruns it anyway is interrupted (SIGALRM); a cell with no finished timed call 
 iterations at 10 steps × 3 epochs, median seconds per outer iteration with the first 2
 dropped, and peak RSS (``ru_maxrss``, like torch_dd.py), printed as the same RESULT lines.
 
-    python benchmarks/hypergrad.py                       # full table (≈ 10 min on 2 cores)
+    python benchmarks/hypergrad.py                       # full table (2 min on 2 quiet cores, 7 min busy)
     python benchmarks/hypergrad.py --quick               # smoke run
     python benchmarks/hypergrad.py --models lenet --T 30 --repeats 5
     python benchmarks/hypergrad.py --match-torch --models lenet --threads 2 --iters 6

@@ -32,13 +32,15 @@ def cross_entropy(logits, targets):
     """Mean cross-entropy of ``logits`` (N, K) against ``targets``: either label
     distributions (N, K) — soft labels — or one-hot rows (use :func:`one_hot` for integer
     labels; a dense target keeps the gradient free of scatter operations)."""
-    return -anp.mean(anp.sum(targets * log_softmax(logits), axis=1))
+    # sum / N rather than mean: autograd's rule for mean divides by an int64 count, which
+    # numpy 2 promotes to float64 and would silently turn float32 gradients into float64
+    return -anp.sum(targets * log_softmax(logits)) / logits.shape[0]
 
 
 def squared_error(outputs, targets):
     """½ · mean over rows of ‖output − target‖²: the quadratic loss of linear regression,
     ℓ(θ) = 1/(2N) ‖dθ − t‖² (§3.4)."""
-    return 0.5 * anp.mean(anp.sum((outputs - targets) ** 2, axis=1))
+    return 0.5 * anp.sum((outputs - targets) ** 2) / outputs.shape[0]  # sum / N keeps float32
 
 
 def accuracy(logits, labels) -> float:

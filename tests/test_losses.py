@@ -124,3 +124,11 @@ def test_attack_targets_validates_class_indices(source, target, match):
 def test_attack_targets_rejects_bad_labels_and_class_indices(labels, source):
     with pytest.raises(ValueError):
         losses.attack_targets(labels, 10, source, 5)
+
+
+@pytest.mark.parametrize("loss", [losses.cross_entropy, losses.squared_error])
+def test_float32_gradients_stay_float32(loss):
+    from autograd import grad
+    logits = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
+    targets = losses.one_hot([0, 1, 2, 0, 1], 3, "float32")
+    assert grad(loss)(logits, targets).dtype == np.float32
