@@ -230,7 +230,8 @@ def _is_verified(path: pathlib.Path, md5: str) -> bool:
 def _corrupt_file_error(name: str, path: pathlib.Path) -> DataError:
     return DataError(
         f"{path} does not match its published checksum (it is truncated or corrupt): "
-        f"delete it and download it again with ddref.data.download({name!r})."
+        f"delete it and download it again with `ddref download {name}` "
+        f"(or ddref.data.download({name!r}))."
     )
 
 
@@ -241,8 +242,8 @@ def _verified_files(name: str, root=None) -> dict:
     missing = [f.filename for f in remote_files if not (directory / f.filename).is_file()]
     if missing:
         raise DataError(
-            f"{name} needs {', '.join(missing)} in {directory}: run "
-            f"ddref.data.download({name!r}) or load({name!r}, download=True), or place the "
+            f"{name} needs {', '.join(missing)} in {directory}: run `ddref download {name}` "
+            f"(in Python: load({name!r}, download=True)), or place the "
             f"files there by hand (from {_sources(remote_files, missing)}) and ddref will "
             f"verify their checksums."
         )
@@ -570,22 +571,22 @@ _CATALOGUE = {
     ),
     "mnist": _Entry(
         (1, 28, 28), 10, 60000, 10000, "http://yann.lecun.com/exdb/mnist/",
-        "ddref.data.download('mnist') fetches four IDX files (about 12 MB)",
+        "`ddref download mnist` fetches four IDX files (about 12 MB)",
         _read_mnist,
     ),
     "usps": _Entry(
         (1, 16, 16), 10, 7291, 2007, _USPS_URL,
-        "ddref.data.download('usps') fetches usps.bz2 and usps.t.bz2 (LIBSVM format)",
+        "`ddref download usps` fetches usps.bz2 and usps.t.bz2 (LIBSVM format)",
         _read_usps,
     ),
     "svhn": _Entry(
         (3, 32, 32), 10, 73257, 26032, _SVHN_URL,
-        "ddref.data.download('svhn') fetches train_32x32.mat and test_32x32.mat (about 246 MB)",
+        "`ddref download svhn` fetches train_32x32.mat and test_32x32.mat (about 246 MB)",
         _read_svhn,
     ),
     "cifar10": _Entry(
         (3, 32, 32), 10, 50000, 10000, "https://www.cs.toronto.edu/~kriz/cifar.html",
-        "ddref.data.download('cifar10') fetches cifar-10-python.tar.gz (about 170 MB)",
+        "`ddref download cifar10` fetches cifar-10-python.tar.gz (about 170 MB)",
         _read_cifar10,
     ),
 }
