@@ -74,6 +74,9 @@ def _config_from_args(args):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="ddref", description="Dataset Distillation (Wang et al. 2018) in numpy + autograd.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="BLAS threads (default: the library's); 1 is often faster for the "
+                             "small models and on a busy machine")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("distill", help="learn distilled images and learning rates (Algorithm 1)")
@@ -265,6 +268,11 @@ def main(argv=None):
 
     args = build_parser().parse_args(argv)
     try:
+        if args.threads is not None:
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=args.threads, user_api="blas"):
+                return COMMANDS[args.command](args)
         return COMMANDS[args.command](args)
     except (data.DataError, DistillError, ShapeError, ValueError) as error:
         print(f"ddref: error: {error}", file=sys.stderr)

@@ -77,3 +77,8 @@ def test_datasets_lists_all(capsys):
     out = capsys.readouterr().out
     for name in ("digits", "mnist5k", "mnist", "usps", "svhn", "cifar10"):
         assert name in out
+
+
+def test_threads_option_limits_blas(capsys):
+    assert main(["--threads", "1", "train", "--epochs", "1", "--no-progress"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
