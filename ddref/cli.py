@@ -114,7 +114,6 @@ def build_parser():
 
 
 def cmd_distill(args):
-    from ddref import plot
     from ddref.distill import Distiller
     from ddref.evaluate import random_real_baseline
 

@@ -24,13 +24,12 @@ differences).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import autograd.numpy as anp
 from autograd import make_vjp, value_and_grad
 
 from ddref.losses import cross_entropy
-from ddref.unroll import check_schedule, inner_grad, softplus, step_schedule, unroll
+from ddref.unroll import check_schedule, descend, inner_grad, softplus, step_schedule, unroll
 
 ENGINES = ("naive", "backgrad")
 
@@ -72,10 +71,6 @@ def naive(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets, lo
     return MetaGradient(float(loss), grad_x, grad_raw)
 
 
-def _sgd_update(params, grads, lr):
-    return {k: params[k] - lr * grads[k] for k in params}
-
-
 def backgrad(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets,
              loss=cross_entropy):
     """Back-gradient: store θ_t on the way forward, then one VJP of the step map per step."""
@@ -86,7 +81,7 @@ def backgrad(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets,
     thetas = [theta0]
     for e, s in schedule:
         grads = inner_grad(apply, thetas[-1], x_distilled[s], targets, loss)
-        thetas.append(_sgd_update(thetas[-1], grads, lrs[e, s]))
+        thetas.append(descend(thetas[-1], grads, lrs[e, s]))
 
     outer_loss, v = value_and_grad(outer_loss_of_params, 1)(apply, thetas[-1], x_real, real_targets, loss)
 

@@ -48,10 +48,14 @@ def inner_grad(apply, params, x, targets, loss=cross_entropy):
     return _inner_grad(apply, params, x, targets, loss)
 
 
+def descend(params, grads, lr):
+    """θ − η g, parameter by parameter."""
+    return {k: params[k] - lr * grads[k] for k in params}
+
+
 def sgd_step(apply, params, x, targets, lr, loss=cross_entropy):
     """One step of gradient descent: θ − η ∇θ ℓ(x, θ)."""
-    grads = inner_grad(apply, params, x, targets, loss)
-    return {k: params[k] - lr * grads[k] for k in params}
+    return descend(params, inner_grad(apply, params, x, targets, loss), lr)
 
 
 def step_schedule(epochs, steps):
