@@ -35,6 +35,8 @@ import autograd.numpy as anp
 import numpy as np
 from autograd import value_and_grad
 
+from ddref.unroll import softplus  # log(1 + eˣ): keeps learning rates positive
+
 # ---------------------------------------------------------------------------------
 # Input checks: one clear sentence naming the fix.
 # ---------------------------------------------------------------------------------
@@ -490,13 +492,8 @@ def construct_multistep(theta_star, n_steps, n_distilled, lr, rng):
 # ---------------------------------------------------------------------------------
 
 
-def softplus(x):
-    """log(1 + eˣ), computed stably; keeps learning rates positive."""
-    return anp.logaddexp(0.0, x)
-
-
 def inverse_softplus(y):
-    """x with softplus(x) = y > 0."""
+    """x with softplus(x) = y > 0, elementwise (``ddref.unroll.inverse_softplus`` takes one lr)."""
     y = np.asarray(y, dtype=np.float64)
     return y + np.log(-np.expm1(-y))
 
@@ -670,8 +667,6 @@ def distill_with_algorithm1(d, t, n_distilled, rng, iterations=300, inits="cubat
     from ddref import hypergrad, nn
     from ddref.evaluate import Adam
     from ddref.losses import squared_error
-    from ddref.unroll import inverse_softplus
-    from ddref.unroll import softplus as positive
 
     if inits not in ("cubature", "random"):
         raise ValueError(f"inits must be 'cubature' or 'random', got {inits!r}.")
@@ -698,4 +693,4 @@ def distill_with_algorithm1(d, t, n_distilled, rng, iterations=300, inits="cubat
         x, raw_lr = updated["x"], updated["raw_lr"]
         losses.append(outer / n)
     return Algorithm1Result(x.reshape(n_distilled, dim), t_distilled,
-                            float(positive(raw_lr)[0, 0]), losses)
+                            float(softplus(raw_lr)[0, 0]), losses)
