@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
+import ddref
 from ddref import data
 
 # help for each DistillConfig field; the option is --field-name, the default the config's
@@ -44,7 +46,7 @@ CONFIG_HELP = {
     "init_scale": "gain (xavier, kaiming) or std (normal) of the initialisation",
     "dtype": "float32 (fast) or float64",
     "seed": "random seed: same seed, same run",
-    "eval_every": "iterations between test-accuracy points on the curve (0: end only)",
+    "eval_every": "iterations between test-accuracy points on the curve (0: start and end only)",
     "eval_inits": "random init: held-out initialisations for the final accuracy",
     "checkpoint_every": "iterations between checkpoints",
 }
@@ -57,79 +59,135 @@ def _add_config_options(parser):
         option = "--" + f.name.replace("_", "-")
         if f.name == "betas":
             parser.add_argument(option, type=float, nargs=2, default=None, metavar=("B1", "B2"),
-                                help=CONFIG_HELP[f.name] + f" (default {f.default})")
+                                help=CONFIG_HELP[f.name] + f" (default {f.default[0]} {f.default[1]})")
         else:
             parser.add_argument(option, type=type(f.default), default=None,
                                 help=CONFIG_HELP[f.name] + f" (default {f.default})")
 
 
-def _config_from_args(args):
+def _given_config_options(args):
+    """The config fields the user set on the command line, with their values."""
     from ddref.distill import DistillConfig
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)
               if getattr(args, f.name) is not None}
-    return DistillConfig.from_dict(values)
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    return values
+
+
+def _config_from_args(args):
+    from ddref.distill import DistillConfig
+
+    return DistillConfig.from_dict(_given_config_options(args)).validate()
+
+
+def _whole_number(minimum):
+    """An argparse type: an int ≥ ``minimum``, else one sentence."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_number(text):
+    """An argparse type: a positive finite float, else one sentence."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
 
 
 def build_parser():
+    # --threads is accepted before or after the subcommand (SUPPRESS: a subcommand that does
+    # not see it keeps the value given before it)
+    threads_help = ("BLAS threads (default: the library's); 1 is often faster for the small "
+                    "models and on a busy machine, and makes runs reproducible across machines")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=_whole_number(1), default=argparse.SUPPRESS, help=threads_help)
+
     parser = argparse.ArgumentParser(
         prog="ddref", description="Dataset Distillation (Wang et al. 2018) in numpy + autograd.")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="BLAS threads (default: the library's); 1 is often faster for the "
-                             "small models and on a busy machine")
+    parser.add_argument("--version", action="version", version=f"ddref {ddref.__version__}")
+    parser.add_argument("--threads", type=_whole_number(1), default=None, help=threads_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("distill", help="learn distilled images and learning rates (Algorithm 1)")
+    p = sub.add_parser("distill", parents=[common],
+                       help="learn distilled images and learning rates (Algorithm 1)")
     _add_config_options(p)
     p.add_argument("--out", default=None, help="run folder (default runs/DATASET-MODEL-INIT)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--baseline-draws", type=int, default=10,
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint; only "
+                        + ", ".join("--" + n.replace("_", "-") for n in _resumable()) + " may change")
+    p.add_argument("--force", action="store_true",
+                   help="replace the run already in --out (without it a run is never overwritten)")
+    p.add_argument("--baseline-draws", type=_whole_number(1), default=10,
                    help="random-real baseline: draws of real images (default 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("evaluate", help="re-train networks on a distilled set and report test accuracy")
+    p = sub.add_parser("evaluate", parents=[common],
+                       help="re-train networks on a distilled set and report test accuracy")
     p.add_argument("run", help="run folder or distilled.npz")
-    p.add_argument("--n-inits", type=int, default=None, help="random init: held-out initialisations")
+    p.add_argument("--n-inits", type=_whole_number(1), default=None,
+                   help="random init: held-out initialisations (default: the run's --eval-inits)")
 
-    p = sub.add_parser("show", help="redraw the figures of a run")
-    p.add_argument("run", help="run folder")
+    p = sub.add_parser("show", parents=[common], help="redraw the figures of a run")
+    p.add_argument("run", help="run folder or distilled.npz")
 
-    p = sub.add_parser("train", help="train a network on the full training split")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--model", default="mlp")
-    p.add_argument("--epochs", type=int, default=None, help="default 30 (digits) or 15")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("train", parents=[common], help="train a network on the full training split")
+    p.add_argument("--dataset", default="digits", help="data set (see `ddref datasets`; default digits)")
+    p.add_argument("--model", default="mlp", help="network: mlp, lenet or convnet (default mlp)")
+    p.add_argument("--epochs", type=_whole_number(1), default=None,
+                   help="passes over the training split (default 30 for digits, 15 otherwise)")
+    p.add_argument("--batch-size", type=_whole_number(1), default=64, help="images per step (default 64)")
+    p.add_argument("--lr", type=_positive_number, default=1e-3, help="Adam learning rate (default 0.001)")
+    p.add_argument("--seed", type=_whole_number(0), default=0, help="random seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    sub.add_parser("datasets", help="list the data sets and whether each is available now")
+    sub.add_parser("datasets", parents=[common], help="list the data sets and whether each is available now")
 
-    p = sub.add_parser("download", help="download a data set's files into the cache and verify them")
+    p = sub.add_parser("download", parents=[common],
+                       help="download a data set's files into the cache and verify them")
     p.add_argument("name", help="mnist, usps, svhn or cifar10")
     return parser
+
+
+def _resumable():
+    from ddref.distill import RESUMABLE
+
+    return RESUMABLE
 
 
 # ---------------------------------------------------------------------------- commands
 
 
 def cmd_distill(args):
-    from ddref.distill import Distiller
-    from ddref.evaluate import random_real_baseline
+    from ddref.distill import Distiller, DistillConfig
+    from ddref.saved import check_run_folder, claim_run_folder
 
-    config = _config_from_args(args)
+    given = _given_config_options(args)
+    config = DistillConfig.from_dict(given).validate()
     out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.init}")
+    replace = check_run_folder(out, resume=args.resume, force=args.force)
     checkpoint = out / "checkpoint.npz"
+    progress = not args.no_progress
     if args.resume:
-        if not checkpoint.exists():
-            raise SystemExit(f"ddref: error: no checkpoint in {out} to resume; start a new run without --resume.")
-        distiller = Distiller.from_checkpoint(checkpoint, progress=not args.no_progress,
-                                              iterations=args.iterations)
+        distiller = Distiller.from_checkpoint(checkpoint, progress=progress, changes=given)
         print(f"resuming {out} at iteration {distiller.iteration} of {distiller.config.iterations}")
     else:
-        if checkpoint.exists():
-            print(f"replacing the run in {out} (pass --resume to continue it instead)")
-        distiller = Distiller(config, progress=not args.no_progress)
+        distiller = Distiller(config, progress=progress)
+        claim_run_folder(out, replace)
+        if replace:
+            print(f"--force: replaced the run that was in {out}")
     config = distiller.config
     print(f"distilling {config.dataset} for {config.model}: {config.init} init, "
           f"{config.steps} steps × {config.epochs} epochs, {len(distiller.labels)} images per step, "
@@ -139,13 +197,27 @@ def cmd_distill(args):
     except KeyboardInterrupt:
         print(f"stopped; continue with: ddref distill --resume --out {out}", file=sys.stderr)
         return 130
+    try:
+        _finish_run(out, distiller, args.baseline_draws)
+    except KeyboardInterrupt:
+        print(f"stopped while evaluating; all {distiller.iteration} iterations are saved in "
+              f"{checkpoint}: `ddref distill --resume --out {out}` finishes the run.", file=sys.stderr)
+        return 130
+    return 0
 
+
+def _finish_run(out, distiller, baseline_draws):
+    """Evaluate the distilled set against random real images; write the set, metrics, figures."""
+    from ddref.evaluate import random_real_baseline
+    from ddref.saved import atomic_write_text, json_safe
+
+    config = distiller.config
+    print("evaluating the distilled set and the random-real baseline …")
     distilled = distiller.distilled_set()
-    distilled.save(out / "distilled.npz")
     accuracy = distiller.accuracy()
     baseline, baseline_lr = random_real_baseline(
         distiller.model, distiller.dataset, config.steps, config.epochs, distiller.labels,
-        theta0=distiller.theta0, n_draws=args.baseline_draws, seed=config.seed, dtype=config.dtype)
+        theta0=distiller.theta0, n_draws=baseline_draws, seed=config.seed, dtype=config.dtype)
     history = distiller.history
     metrics = {
         "distilled_accuracy": dataclasses.asdict(accuracy),
@@ -159,29 +231,46 @@ def cmd_distill(args):
         "history": dataclasses.asdict(history),
         "config": config.to_dict(),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    _draw(out, distilled, history, baseline.mean, distiller.dataset.classes)
+    distilled.save(out / "distilled.npz")
+    _draw(out, distilled, history, baseline.mean)
+    atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=1))
     n = metrics["n_images"]
-    print(f"wrote {out}/distilled.npz, distilled.png, curves.png, metrics.json")
+    print(f"wrote {out}/distilled.npz, distilled.png, curves.png, metrics.json "
+          f"(checkpoint.npz stays: --resume --iterations N continues the run)")
     print(f"test accuracy, {n} distilled images:   {accuracy}")
     print(f"test accuracy, {n} random real images: {baseline} (lr {baseline_lr:g})")
-    return 0
 
 
-def _draw(out, distilled, history, baseline, class_names):
+def _draw(out, distilled, history, baseline, stem=""):
+    """distilled.png (and curves.png when the history is known) in the folder ``out``."""
     import matplotlib.pyplot as plt
 
     from ddref import plot
 
-    plt.close(plot.plot_distilled(distilled, class_names=class_names, path=out / "distilled.png"))
+    classes = distilled.classes or [str(c) for c in range(int(distilled.labels.max()) + 1)]
+    plt.close(plot.plot_distilled(distilled, class_names=classes, path=out / f"{stem}distilled.png"))
+    if history is None:
+        return
     cfg = distilled.config
-    title = f"{cfg['dataset']} / {cfg['model']}, {cfg['init']} init, {cfg['engine']}"
-    plt.close(plot.plot_curves(history, path=out / "curves.png", baseline=baseline, title=title))
+    title = f"{cfg.get('dataset')} / {cfg.get('model')}, {cfg.get('init')} init, {cfg.get('engine')}"
+    plt.close(plot.plot_curves(history, path=out / f"{stem}curves.png", baseline=baseline, title=title))
 
 
 def _distilled_path(run):
+    """A run folder's distilled.npz, or the .npz file given."""
     run = Path(run)
-    return run / "distilled.npz" if run.is_dir() else run
+    path = run / "distilled.npz" if run.is_dir() else run
+    if not path.is_file():
+        raise SystemExit(f"ddref: error: {path} does not exist; give a run folder made by "
+                         f"`ddref distill` or its distilled.npz.")
+    return path
+
+
+def _reported_metrics(path):
+    from ddref.saved import read_json
+
+    return read_json(path, "metrics file", required=("distilled_accuracy", "random_real_accuracy",
+                                                      "history"))
 
 
 def cmd_evaluate(args):
@@ -189,11 +278,14 @@ def cmd_evaluate(args):
 
     path = _distilled_path(args.run)
     distilled = DistilledSet.load(path)
-    accuracy = held_out_accuracy(distilled, n_inits=args.n_inits)
+    accuracy = held_out_accuracy(distilled, n_inits=args.n_inits, source=str(path))
     print(f"test accuracy of networks trained on {path}: {accuracy}")
     metrics_path = path.parent / "metrics.json"
     if metrics_path.exists() and args.n_inits is None:
-        reported = json.loads(metrics_path.read_text())["distilled_accuracy"]
+        reported = _reported_metrics(metrics_path)["distilled_accuracy"]
+        if not isinstance(reported, dict) or not isinstance(reported.get("mean"), (int, float)):
+            raise SystemExit(f"ddref: error: {metrics_path} has no usable distilled_accuracy.mean; "
+                             f"re-create it with `ddref distill`.")
         same = abs(reported["mean"] - accuracy.mean) < 1e-9
         print(f"reported at the end of the run: {100 * reported['mean']:.2f}% "
               f"({'reproduced' if same else 'DIFFERENT'})")
@@ -204,20 +296,24 @@ def cmd_evaluate(args):
 def cmd_show(args):
     from ddref.distill import DistilledSet, History
 
-    run = Path(args.run)
-    distilled = DistilledSet.load(_distilled_path(run))
-    metrics_path = run / "metrics.json"
-    if not metrics_path.exists():
-        raise SystemExit(f"ddref: error: no metrics.json in {run}; is it a finished `ddref distill` run?")
-    metrics = json.loads(metrics_path.read_text())
-    dataset_classes = [str(c) for c in range(int(distilled.labels.max()) + 1)]
-    try:
-        dataset_classes = list(data.load(distilled.config["dataset"]).classes)
-    except data.DataError:
-        pass
-    _draw(run, distilled, History(**metrics["history"]), metrics["random_real_accuracy"]["mean"],
-          dataset_classes)
-    print(f"wrote {run}/distilled.png and {run}/curves.png")
+    path = _distilled_path(args.run)
+    out = path.parent
+    distilled = DistilledSet.load(path)
+    metrics_path = out / "metrics.json"
+    history, baseline = None, None
+    if metrics_path.exists():
+        metrics = _reported_metrics(metrics_path)
+        try:
+            history = History(**metrics["history"])
+            baseline = float(metrics["random_real_accuracy"]["mean"])
+        except (TypeError, KeyError, ValueError):
+            raise SystemExit(f"ddref: error: {metrics_path} has an unusable history or "
+                             f"random_real_accuracy; re-create it with `ddref distill`.") from None
+    stem = "" if path.name == "distilled.npz" else path.stem + "-"
+    print(f"drawing {path} …")
+    _draw(out, distilled, history, baseline, stem)
+    drawn = f"{out}/{stem}distilled.png" + (f" and {out}/{stem}curves.png" if history else "")
+    print(f"wrote {drawn}" + ("" if history else f" (no metrics.json beside {path.name}: no curves)"))
     return 0
 
 
@@ -227,7 +323,7 @@ def cmd_train(args):
 
     dataset = data.load(args.dataset)
     model = nn.build_model(args.model, dataset.image_shape, dataset.num_classes)
-    epochs = args.epochs or (30 if args.dataset == "digits" else 15)
+    epochs = args.epochs if args.epochs is not None else (30 if args.dataset == "digits" else 15)
     params = train_full(model, dataset, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
                         seed=args.seed, progress=not args.no_progress)
     acc = accuracy_on(model.apply, params, dataset.x_test, dataset.y_test)
@@ -264,6 +360,7 @@ COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show,
 def main(argv=None):
     from ddref.distill import DistillError
     from ddref.nn import ShapeError
+    from ddref.saved import SavedFileError
 
     args = build_parser().parse_args(argv)
     try:
@@ -273,9 +370,12 @@ def main(argv=None):
             with threadpool_limits(limits=args.threads, user_api="blas"):
                 return COMMANDS[args.command](args)
         return COMMANDS[args.command](args)
-    except (data.DataError, DistillError, ShapeError, ValueError) as error:
+    except (data.DataError, DistillError, SavedFileError, ShapeError, ValueError) as error:
         print(f"ddref: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ddref: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

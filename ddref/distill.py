@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
+import numbers
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ import ddref
 from ddref import backend, data, hypergrad, nn
 from ddref.evaluate import Accuracy, Adam, evaluate_distilled, held_out_inits
 from ddref.losses import attack_targets, one_hot
+from ddref.saved import (DistilledSet, SavedFileError, atomic_savez, json_field, load_npz,
+                         json_safe)
 from ddref.unroll import inverse_softplus, softplus
 
 INIT_MODES = ("fixed", "random")
@@ -77,25 +80,41 @@ class DistillConfig:
         return self.steps * self.epochs
 
     def validate(self):
-        """Raise ValueError with one clear sentence for a setting that cannot work."""
+        """Raise ValueError with one sentence, naming the command-line option, for a setting
+        that cannot work; checked before anything is loaded or computed."""
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.default)
         checks = [
-            (self.init in INIT_MODES, f"init must be one of {INIT_MODES}, got {self.init!r}"),
-            (self.engine in hypergrad.ENGINES,
-             f"engine must be one of {hypergrad.ENGINES}, got {self.engine!r}"),
-            (self.objective in OBJECTIVES,
-             f"objective must be one of {OBJECTIVES}, got {self.objective!r}"),
-            (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
+            (_known_dataset(self.dataset), "dataset", "must name a data set listed by `ddref datasets`"),
+            (self.model in nn.MODELS, "model", f"must be one of {', '.join(nn.MODELS)}"),
+            (self.init in INIT_MODES, "init", f"must be one of {', '.join(INIT_MODES)}"),
+            (self.engine in hypergrad.ENGINES, "engine", f"must be one of {', '.join(hypergrad.ENGINES)}"),
+            (self.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}"),
+            (self.init_scheme in nn.INIT_SCHEMES, "init_scheme", f"must be one of {', '.join(nn.INIT_SCHEMES)}"),
+            (self.dtype in ("float32", "float64"), "dtype", "must be float32 or float64"),
+            (self.n_nets == 1 or self.init.startswith("random"), "n_nets",
+             "only applies to a random init (--init random); leave it at 1"),
+            (self.source_class != self.target_class or self.objective != "attack", "target_class",
+             "must differ from --source-class for an attack"),
         ]
-        for name in ("steps", "epochs", "images_per_class", "batch_size", "n_nets"):
-            checks.append((getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}"))
+        for name in ("steps", "epochs", "images_per_class", "batch_size", "n_nets", "eval_inits"):
+            checks.append((getattr(self, name) >= 1, name, "must be at least 1"))
+        for name in ("iterations", "decay_every", "eval_every", "checkpoint_every",
+                     "source_class", "target_class"):
+            checks.append((getattr(self, name) >= 0, name, "must be 0 or more"))
         checks += [
-            (self.iterations >= 0, f"iterations must be ≥ 0, got {self.iterations}"),
-            (self.distill_lr > 0, f"distill_lr must be positive, got {self.distill_lr}"),
-            (self.lr > 0, f"lr (the outer Adam learning rate) must be positive, got {self.lr}"),
+            (0 <= self.seed < 2 ** 63, "seed", "must be an integer in 0 … 2**63 − 1"),
+            (0 < self.distill_lr < math.inf, "distill_lr", "must be a positive finite number"),
+            (0 < self.lr < math.inf, "lr", "(the outer Adam learning rate) must be a positive finite number"),
+            (0 < self.lr_decay <= 1, "lr_decay", "must be in (0, 1]: the outer learning rate is "
+                                                 "multiplied by it every --decay-every iterations"),
+            (0 < self.init_scale < math.inf, "init_scale", "must be a positive finite number"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+             "must be two numbers in [0, 1), e.g. --betas 0.5 0.999"),
         ]
-        for ok, message in checks:
+        for ok, name, rule in checks:
             if not ok:
-                raise ValueError(message + ".")
+                raise ValueError(f"{option_name(name)} {rule}; got {getattr(self, name)!r}.")
         return self
 
     def to_dict(self):
@@ -108,92 +127,43 @@ class DistillConfig:
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}; known keys: {sorted(known)}.")
         values = dict(values)
-        if "betas" in values:
+        if isinstance(values.get("betas"), (list, tuple)):
             values["betas"] = tuple(values["betas"])
         return cls(**values)
+
+
+def _known_dataset(name):
+    try:
+        data._entry(name)
+    except data.DataError:
+        return False
+    return True
+
+
+def option_name(field_name):
+    """The command-line option of a config field: ``lr_decay`` → ``--lr-decay``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _check_type(name, value, default):
+    """A config value must have its default's type (an int may stand for a float)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) == isinstance(default, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, numbers.Integral)
+    elif isinstance(default, float):
+        ok = isinstance(value, numbers.Real)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, tuple) and all(isinstance(v, numbers.Real) for v in value)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"{option_name(name)} must be {type(default).__name__}, got {value!r}.")
 
 
 def distilled_labels(num_classes, images_per_class):
     """The fixed labels of every step: class-major, [0,…,0, 1,…,1, …] as in the original code."""
     return np.repeat(np.arange(num_classes), images_per_class)
-
-
-# ---------------------------------------------------------------------------- the distilled set on disk
-
-DISTILLED_KEYS = ("images", "labels", "lrs", "mean", "std", "config", "version")
-
-
-@dataclass
-class DistilledSet:
-    """What a run produces: images (S, n, C, H, W) in normalised space, their labels (n,),
-    the learned learning rates (E, S), θ0 for fixed init, and the data normalisation."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    lrs: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray
-    config: dict
-    theta0: dict | None = None
-    version: str = ddref.__version__
-
-    def save(self, path):
-        arrays = {"images": self.images, "labels": self.labels, "lrs": self.lrs,
-                  "mean": self.mean, "std": self.std,
-                  "config": np.array(json.dumps(self.config)), "version": np.array(self.version)}
-        for k, v in (self.theta0 or {}).items():
-            arrays[f"theta0/{k}"] = backend.to_numpy(v)
-        atomic_savez(path, arrays)
-
-    @classmethod
-    def load(cls, path):
-        path = Path(path)
-        arrays = _load_npz(path, "distilled set")
-        missing = [k for k in DISTILLED_KEYS if k not in arrays]
-        if missing:
-            raise DistillError(f"{path} is not a distilled set: it lacks {', '.join(missing)}; "
-                               f"make one with `ddref distill`.")
-        theta0 = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("theta0/")}
-        distilled = cls(images=arrays["images"], labels=arrays["labels"], lrs=arrays["lrs"],
-                        mean=arrays["mean"], std=arrays["std"],
-                        config=json.loads(str(arrays["config"])), theta0=theta0 or None,
-                        version=str(arrays["version"]))
-        distilled.check()
-        return distilled
-
-    def check(self):
-        steps, n = self.images.shape[:2]
-        if self.images.ndim != 5 or self.lrs.ndim != 2 or self.lrs.shape[1] != steps:
-            raise DistillError(
-                f"distilled set has images {self.images.shape} and lrs {self.lrs.shape}; expected "
-                f"images (steps, n, C, H, W) and lrs (epochs, steps).")
-        if self.labels.shape != (n,):
-            raise DistillError(f"distilled set has {n} images per step but labels {self.labels.shape}.")
-        if not (np.isfinite(self.images).all() and np.isfinite(self.lrs).all()):
-            raise DistillError("distilled set contains NaN or inf; it cannot be used.")
-
-
-def atomic_savez(path, arrays):
-    """Write an .npz file so that a crash never leaves a half-written file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _load_npz(path, what):
-    if not Path(path).exists():
-        raise DistillError(f"no {what} at {path}; check the path.")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except Exception as error:  # zipfile/pickle/format errors all mean the same to the user
-        raise DistillError(f"{path} is not a readable {what} ({error.__class__.__name__}); "
-                           f"it may be truncated or corrupt: delete it and run again.") from None
 
 
 # ---------------------------------------------------------------------------- the run
@@ -218,7 +188,7 @@ class Distiller:
 
     def __init__(self, config: DistillConfig, dataset=None, progress=True):
         self.config = config.validate()
-        self.dataset = dataset if dataset is not None else data.load(config.dataset)
+        self.dataset = dataset if dataset is not None else data.load(config.dataset, dtype=config.dtype)
         self.model = nn.build_model(config.model, self.dataset.image_shape, self.dataset.num_classes)
         self.progress = progress
         self.rng = backend.rng(config.seed)
@@ -228,6 +198,10 @@ class Distiller:
         self.labels = distilled_labels(self.dataset.num_classes, config.images_per_class)
         self.targets = one_hot(self.labels, self.dataset.num_classes, dtype)
         self.real_targets_of = self._make_real_targets()
+        for name in ("source_class", "target_class"):
+            if config.objective == "attack" and getattr(config, name) >= self.dataset.num_classes:
+                raise ValueError(f"{option_name(name)} {getattr(config, name)} is not a class of "
+                                 f"{self.dataset.name} (0 … {self.dataset.num_classes - 1}).")
 
         c, h, w = self.dataset.image_shape
         self.theta0 = (self.model.init(self.rng, dtype, config.init_scheme, config.init_scale)
@@ -303,8 +277,7 @@ class Distiller:
         raise DistillError(
             f"the outer loss or its gradient {what} at iteration {self.iteration + 1} "
             f"(learned learning rates now range {lrs.min():.3g}…{lrs.max():.3g}): the inner "
-            f"training diverged; lower --distill-lr or the outer --lr and start again, or "
-            f"resume from the last good checkpoint.")
+            f"training diverged")
 
     def lrs(self):
         """The learning rates η̃ = softplus(raw), shape (epochs, steps)."""
@@ -314,36 +287,86 @@ class Distiller:
 
     def run(self, iterations=None, checkpoint_path=None):
         """Run until ``iterations`` (default: the config's) outer iterations are done.
-        Checkpoints every ``checkpoint_every`` iterations and on Ctrl-C (then re-raises)."""
+
+        Checkpoints every ``checkpoint_every`` iterations, at the end, on Ctrl-C and when the
+        inner training diverges.  An iteration is all or nothing: when it is interrupted (or
+        diverges) the state is rolled back to its start — random generator included — before
+        the checkpoint is written, so a resumed run repeats exactly the iterations an
+        uninterrupted one would have done.
+        """
         total = self.config.iterations if iterations is None else iterations
         bar = tqdm(total=total, initial=self.iteration, desc="distill", unit="it",
                    disable=not self.progress, dynamic_ncols=True)
-        if self.iteration == 0 and self.config.eval_every and not self.history.eval_iterations:
-            self.record_accuracy()  # the starting point of the accuracy curve
+        start_of_iteration = self._snapshot()
         try:
+            if self.iteration == 0 and not self.history.eval_iterations:
+                self.record_accuracy()  # the starting point of the accuracy curve
             while self.iteration < total:
-                start = time.perf_counter()
-                loss = self.step()
-                self.history.seconds += time.perf_counter() - start
-                lrs = backend.to_numpy(self.lrs())
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs.min():.3f}…{lrs.max():.3f}")
-                if self.config.eval_every and self.iteration % self.config.eval_every == 0:
-                    self.record_accuracy()
-                if checkpoint_path and self.config.checkpoint_every and \
-                        self.iteration % self.config.checkpoint_every == 0:
-                    self.save_checkpoint(checkpoint_path)
+                start_of_iteration = self._snapshot()
+                self._iterate(bar, checkpoint_path)
+            if self.history.eval_iterations[-1:] != [self.iteration]:
+                self.record_accuracy()  # the end point of the accuracy curve
         except KeyboardInterrupt:
+            self._restore(start_of_iteration)
             if checkpoint_path:
-                self.save_checkpoint(checkpoint_path)
-                bar.write(f"interrupted at iteration {self.iteration}; checkpoint saved to "
+                self._save_uninterrupted(checkpoint_path)
+                bar.write(f"interrupted; iteration {self.iteration} is complete and saved to "
                           f"{checkpoint_path} (continue with --resume).")
             raise
+        except DistillError as error:
+            self._restore(start_of_iteration)
+            if checkpoint_path:
+                self._save_uninterrupted(checkpoint_path)
+                out = Path(checkpoint_path).parent
+                raise DistillError(
+                    f"{error}. The last good state (iteration {self.iteration}) is saved in "
+                    f"{checkpoint_path}: continue it with a smaller outer learning rate, e.g. "
+                    f"`ddref distill --resume --out {out} --lr {self.outer_lr() / 4:g}`, or start "
+                    f"again with a smaller --distill-lr.") from None
+            raise DistillError(f"{error}; lower --distill-lr or the outer --lr.") from None
         finally:
             bar.close()
         if checkpoint_path:
             self.save_checkpoint(checkpoint_path)
         return self
+
+    def _iterate(self, bar, checkpoint_path):
+        """One outer iteration with its bookkeeping: step, progress, curve point, checkpoint."""
+        start = time.perf_counter()
+        loss = self.step()
+        self.history.seconds += time.perf_counter() - start
+        lrs = backend.to_numpy(self.lrs())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs.min():.3f}…{lrs.max():.3f}")
+        cfg = self.config
+        if cfg.eval_every and self.iteration % cfg.eval_every == 0:
+            self.record_accuracy()
+        if checkpoint_path and cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+            self.save_checkpoint(checkpoint_path)
+
+    def _snapshot(self):
+        """Everything an iteration changes.  Arrays are never modified in place (every update
+        makes new arrays), so holding references is enough; the lists are copied."""
+        return {"iteration": self.iteration, "rng": self.rng.bit_generator.state,
+                "x": self.x, "raw_lrs": self.raw_lrs, "adam": self.adam.state(),
+                "history": {k: list(v) if isinstance(v, list) else v
+                            for k, v in dataclasses.asdict(self.history).items()}}
+
+    def _restore(self, snapshot):
+        self.iteration = snapshot["iteration"]
+        self.rng.bit_generator.state = snapshot["rng"]
+        self.x, self.raw_lrs = snapshot["x"], snapshot["raw_lrs"]
+        self.adam.load_state(snapshot["adam"])
+        self.history = History(**snapshot["history"])
+
+    def _save_uninterrupted(self, path):
+        """Write a checkpoint with Ctrl-C held back, so a second Ctrl-C cannot cut it short."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            self.save_checkpoint(path)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     def record_accuracy(self, n_inits=3):
         """Test accuracy now, for the curves (random init: mean over a few held-out inits)."""
@@ -363,7 +386,7 @@ class Distiller:
         return DistilledSet(images=backend.to_numpy(self.x), labels=self.labels,
                             lrs=backend.to_numpy(self.lrs()), mean=np.asarray(self.dataset.mean),
                             std=np.asarray(self.dataset.std), config=self.config.to_dict(),
-                            theta0=theta0)
+                            theta0=theta0, classes=tuple(self.dataset.classes))
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -375,7 +398,7 @@ class Distiller:
             "rng_state": np.array(json.dumps(self.rng.bit_generator.state)),
             "x": backend.to_numpy(self.x), "raw_lrs": backend.to_numpy(self.raw_lrs),
             "adam_t": np.array(adam["t"]), "adam_lr": np.array(adam["lr"]),
-            "history": np.array(json.dumps(dataclasses.asdict(self.history))),
+            "history": np.array(json.dumps(json_safe(dataclasses.asdict(self.history)))),
             "version": np.array(ddref.__version__),
         }
         for k in ("x", "raw_lrs"):
@@ -386,38 +409,109 @@ class Distiller:
         atomic_savez(path, arrays)
 
     @classmethod
-    def from_checkpoint(cls, path, dataset=None, progress=True, iterations=None):
-        """Rebuild a Distiller exactly as it was when ``path`` was written."""
-        arrays = _load_npz(path, "checkpoint")
-        for key in ("config", "iteration", "rng_state", "x", "raw_lrs", "adam_t", "history"):
-            if key not in arrays:
-                raise DistillError(f"{path} is not a ddref checkpoint (no {key!r}); start a new run.")
-        config = DistillConfig.from_dict(json.loads(str(arrays["config"])))
-        if iterations is not None:
-            config.iterations = iterations
+    def from_checkpoint(cls, path, dataset=None, progress=True, changes=None):
+        """Rebuild a Distiller exactly as it was when ``path`` was written.
+
+        ``changes`` maps config fields to new values; only the fields in
+        :data:`RESUMABLE` may differ from the checkpoint's (a value equal to the saved one is
+        always accepted), anything else is refused with one sentence.
+        """
+        arrays = load_npz(path, "checkpoint")
+        needed = ("config", "iteration", "rng_state", "x", "raw_lrs", "adam_t", "adam_lr",
+                  "history", *(f"adam_{m}/{k}" for m in "mv" for k in ("x", "raw_lrs")))
+        missing = [key for key in needed if key not in arrays]
+        if missing:
+            raise DistillError(f"{path} is not a ddref checkpoint (it lacks {', '.join(missing)}); "
+                               f"start a new run with --force.")
+        try:
+            config = DistillConfig.from_dict(json_field(arrays, "config", path, "checkpoint")).validate()
+        except (TypeError, ValueError) as error:
+            raise DistillError(f"{path} holds an unusable config ({error}); start a new run "
+                               f"with --force.") from None
+        config = _apply_resume_changes(config, changes or {}, path)
         distiller = cls(config, dataset=dataset, progress=progress)
-        dtype = config.dtype
-        distiller.iteration = int(arrays["iteration"])
-        distiller.rng.bit_generator.state = json.loads(str(arrays["rng_state"]))
-        distiller.x = backend.asarray(arrays["x"], dtype=dtype)
-        distiller.raw_lrs = backend.asarray(arrays["raw_lrs"], dtype=dtype)
-        distiller.adam.load_state({
-            "t": arrays["adam_t"], "lr": arrays["adam_lr"],
-            "m": {k: arrays[f"adam_m/{k}"] for k in ("x", "raw_lrs")},
-            "v": {k: arrays[f"adam_v/{k}"] for k in ("x", "raw_lrs")}})
-        theta0 = {k.split("/", 1)[1]: backend.asarray(v, dtype=dtype)
-                  for k, v in arrays.items() if k.startswith("theta0/")}
-        distiller.theta0 = theta0 or None
-        distiller.history = History(**json.loads(str(arrays["history"])))
+        distiller._load_state(arrays, path)
         return distiller
 
+    def _load_state(self, arrays, path):
+        """Put the arrays of a checkpoint in place, after checking they fit this run."""
+        def want(key, shape):
+            array = arrays[key]
+            if array.shape != tuple(shape) or array.dtype.kind != "f" or not np.isfinite(array).all():
+                raise DistillError(f"{path} is damaged: {key} has shape {array.shape} and type "
+                                   f"{array.dtype} (want finite floats of shape {tuple(shape)}); "
+                                   f"start a new run with --force.")
+            return backend.asarray(array, dtype=dtype)
 
-def held_out_accuracy(distilled: DistilledSet, dataset=None, n_inits=None) -> Accuracy:
+        dtype = self.config.dtype
+        iteration = int(arrays["iteration"])
+        if not 0 <= iteration:
+            raise DistillError(f"{path} is damaged (iteration {iteration}); start a new run with --force.")
+        self.iteration = iteration
+        self.rng.bit_generator.state = json_field(arrays, "rng_state", path, "checkpoint")
+        self.x = want("x", self.x.shape)
+        self.raw_lrs = want("raw_lrs", self.raw_lrs.shape)
+        self.adam.load_state({
+            "t": arrays["adam_t"], "lr": arrays["adam_lr"],
+            "m": {k: want(f"adam_m/{k}", getattr(self, k).shape) for k in ("x", "raw_lrs")},
+            "v": {k: want(f"adam_v/{k}", getattr(self, k).shape) for k in ("x", "raw_lrs")}})
+        if self.config.init == "fixed":
+            shapes = self.model.init.shapes
+            if sorted(shapes) != sorted(k.split("/", 1)[1] for k in arrays if k.startswith("theta0/")):
+                raise DistillError(f"{path} is damaged: its θ0 does not fit the {self.config.model} "
+                                   f"model; start a new run with --force.")
+            self.theta0 = {k: want(f"theta0/{k}", shape) for k, shape in shapes.items()}
+        history = json_field(arrays, "history", path, "checkpoint")
+        try:
+            self.history = History(**history)
+        except TypeError:
+            raise DistillError(f"{path} is damaged (its history); start a new run with --force.") from None
+
+
+# options that may change when a run is resumed: how long it runs, the outer optimiser's
+# schedule, and how often it reports; everything else defines the run and stays as it was
+RESUMABLE = ("iterations", "lr", "lr_decay", "decay_every", "eval_every", "eval_inits",
+             "checkpoint_every")
+
+
+def _apply_resume_changes(config, changes, path):
+    saved = config.to_dict()
+    refused = [name for name, value in changes.items()
+               if name not in RESUMABLE and value != saved[name]]
+    if refused:
+        name = refused[0]
+        raise DistillError(
+            f"{option_name(name)} cannot change when a run is resumed (the run in "
+            f"{Path(path).parent} has {option_name(name)} {saved[name]!r}); a resume may change "
+            f"only {', '.join(option_name(n) for n in RESUMABLE)} — or start a new run with --force.")
+    return DistillConfig.from_dict({**saved, **changes}).validate()
+
+
+def _main_thread():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def held_out_accuracy(distilled: DistilledSet, dataset=None, n_inits=None, source="distilled set") -> Accuracy:
     """Re-evaluate a saved distilled set the way the run that made it did."""
-    config = DistillConfig.from_dict(distilled.config)
-    dataset = dataset if dataset is not None else data.load(config.dataset)
+    try:
+        config = DistillConfig.from_dict(distilled.config).validate()
+    except (TypeError, ValueError) as error:
+        raise SavedFileError(f"{source}: its config cannot be used ({error}); make it again "
+                             f"with `ddref distill`.") from None
+    if n_inits is not None and config.init == "fixed":
+        raise ValueError(f"--n-inits applies to sets distilled for random initialisations; "
+                         f"{source} was distilled for one fixed θ0, which it stores: leave "
+                         f"--n-inits out.")
+    dataset = dataset if dataset is not None else data.load(config.dataset, dtype=config.dtype)
     model = nn.build_model(config.model, dataset.image_shape, dataset.num_classes)
     model.check_input(distilled.images.shape)
+    distilled.check(dataset.num_classes, source)
+    distilled.check_theta0(model.init.shapes, source)
+    if config.init == "fixed" and distilled.theta0 is None:
+        raise SavedFileError(f"{source}: it was distilled for a fixed θ0 but does not store it; "
+                             f"make it again with `ddref distill`.")
     theta0 = None
     if distilled.theta0 is not None:
         theta0 = {k: backend.asarray(v, dtype=config.dtype) for k, v in distilled.theta0.items()}
@@ -427,4 +521,4 @@ def held_out_accuracy(distilled: DistilledSet, dataset=None, n_inits=None) -> Ac
 
 
 __all__ = ["DistillConfig", "Distiller", "DistilledSet", "DistillError", "held_out_accuracy",
-           "distilled_labels", "held_out_inits"]
+           "distilled_labels", "held_out_inits", "RESUMABLE"]
