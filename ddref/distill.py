@@ -92,8 +92,6 @@ class DistillConfig:
             (self.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}"),
             (self.init_scheme in nn.INIT_SCHEMES, "init_scheme", f"must be one of {', '.join(nn.INIT_SCHEMES)}"),
             (self.dtype in ("float32", "float64"), "dtype", "must be float32 or float64"),
-            (self.n_nets == 1 or self.init.startswith("random"), "n_nets",
-             "only applies to a random init (--init random); leave it at 1"),
             (self.source_class != self.target_class or self.objective != "attack", "target_class",
              "must differ from --source-class for an attack"),
         ]
@@ -103,6 +101,8 @@ class DistillConfig:
                      "source_class", "target_class"):
             checks.append((getattr(self, name) >= 0, name, "must be 0 or more"))
         checks += [
+            (self.n_nets == 1 or self.init.startswith("random"), "n_nets",
+             "only applies to a random init (--init random); leave it at 1"),
             (0 <= self.seed < 2 ** 63, "seed", "must be an integer in 0 … 2**63 − 1"),
             (0 < self.distill_lr < math.inf, "distill_lr", "must be a positive finite number"),
             (0 < self.lr < math.inf, "lr", "(the outer Adam learning rate) must be a positive finite number"),
