@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import ddref
 from ddref import backend, data, hypergrad, nn
-from ddref.evaluate import Accuracy, Adam, evaluate_distilled, held_out_inits
+from ddref.evaluate import Accuracy, Adam, TrainingDiverged, evaluate_distilled, held_out_inits
 from ddref.losses import attack_targets, one_hot
 from ddref.saved import (DistilledSet, SavedFileError, atomic_savez, json_field, load_npz,
                          json_safe)
@@ -370,7 +370,10 @@ class Distiller:
 
     def record_accuracy(self, n_inits=3):
         """Test accuracy now, for the curves (random init: mean over a few held-out inits)."""
-        acc = self.accuracy(n_inits=n_inits)
+        try:
+            acc = self.accuracy(n_inits=n_inits)
+        except TrainingDiverged as error:
+            raise DistillError(f"evaluating the distilled set at iteration {self.iteration}: {error}") from None
         self.history.eval_iterations.append(self.iteration)
         self.history.eval_accuracies.append(acc.mean)
         return acc

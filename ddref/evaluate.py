@@ -34,8 +34,19 @@ def predict(apply, params, x, batch_size=2048):
     return np.concatenate(outputs)
 
 
+class TrainingDiverged(ValueError):
+    """A network trained on a (distilled or baseline) set ended with NaN or inf outputs."""
+
+
 def accuracy_on(apply, params, x, y) -> float:
-    return accuracy(predict(apply, params, x), y)
+    """Accuracy of the network ``params`` on (x, y); a diverged network is an error, not a
+    chance-level number."""
+    logits = predict(apply, params, x)
+    if not np.isfinite(logits).all():
+        raise TrainingDiverged(
+            "training on these images diverged (the network's outputs are NaN or inf): the "
+            "learning rates are too large for them")
+    return accuracy(logits, y)
 
 
 def _dtype_of(params):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from ddref import cli
 from ddref.cli import main
 
 TINY = ["--steps", "2", "--epochs", "1", "--iterations", "4", "--eval-every", "2",
@@ -22,7 +23,8 @@ def test_distill_writes_the_run_folder(run_dir, capsys):
         assert (run_dir / name).stat().st_size > 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_images"] == 20 and metrics["iterations"] == 4
-    assert 0.0 <= metrics["distilled_accuracy"]["mean"] <= 1.0
+    assert metrics["distilled_accuracy"]["n"] == 1 and metrics["random_real_accuracy"]["n"] == 1
+    assert metrics["distilled_accuracy"]["mean"] == metrics["history"]["eval_accuracies"][-1]
     assert metrics["history"]["eval_iterations"] == [0, 2, 4]
 
 
@@ -44,15 +46,70 @@ def test_resume_continues_to_more_iterations(run_dir, capsys):
     assert json.loads((run_dir / "metrics.json").read_text())["iterations"] == 6
 
 
-def test_resume_without_a_checkpoint(tmp_path):
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        main(["distill", "--resume", "--out", str(tmp_path / "empty")])
+def test_resume_without_a_checkpoint(tmp_path, capsys):
+    assert main(["distill", "--resume", "--out", str(tmp_path / "empty")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
 
 
 def test_unknown_dataset_is_one_clear_line(capsys, tmp_path):
     assert main(["distill", "--dataset", "imagenet", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ddref: error: unknown data set 'imagenet'") and "Traceback" not in err
+    assert err.startswith("ddref: error: --dataset must name a data set") and "Traceback" not in err
+
+
+def test_eval_every_0_still_draws_a_curve(tmp_path):
+    out = tmp_path / "run"
+    assert main(["distill", *TINY, "--eval-every", "0", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["history"]["eval_iterations"] == [0, 4]
+
+
+def test_show_takes_the_npz_that_evaluate_takes(run_dir, tmp_path, capsys):
+    alone = tmp_path / "set.npz"
+    alone.write_bytes((run_dir / "distilled.npz").read_bytes())
+    assert main(["show", str(alone)]) == 0
+    assert (tmp_path / "set-distilled.png").stat().st_size > 0
+    assert "no curves" in capsys.readouterr().out
+
+
+def test_evaluate_n_inits_on_a_fixed_init_set_is_refused(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--n-inits", "3"]) == 2
+    assert "--n-inits applies to sets distilled for random" in capsys.readouterr().err
+
+
+BAD_OPTIONS = [
+    ["distill", "--betas", "1.5", "0.9"], ["distill", "--lr", "inf"], ["distill", "--lr", "nan"],
+    ["distill", "--lr-decay", "0"], ["distill", "--lr-decay", "-1"], ["distill", "--decay-every", "-2"],
+    ["distill", "--eval-every", "-1"], ["distill", "--checkpoint-every", "-1"],
+    ["distill", "--init-scale", "0"], ["distill", "--seed", "-1"], ["distill", "--threads", "0"],
+    ["--threads", "-3", "datasets"], ["distill", "--baseline-draws", "0"],
+    ["distill", "--eval-inits", "0"], ["distill", "--n-nets", "0"], ["distill", "--steps", "1.5"],
+    ["distill", "--distill-lr", "-0.02"], ["distill", "--init", "pretrained"],
+    ["distill", "--objective", "attack", "--source-class", "10"],
+    ["distill", "--objective", "attack", "--source-class", "3", "--target-class", "3"],
+    ["evaluate", "nowhere/distilled.npz"], ["evaluate", ".", "--n-inits", "0"],
+    ["show", "nowhere"], ["train", "--epochs", "0"], ["train", "--batch-size", "0"],
+    ["train", "--lr", "0"], ["train", "--lr", "nan"], ["train", "--seed", "-1"],
+    ["train", "--model", "resnet"], ["train", "--dataset", "imagenet"], ["download", "imagenet"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_OPTIONS, ids=[" ".join(a) for a in BAD_OPTIONS])
+def test_a_bad_option_is_one_sentence_before_any_work(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_finish_run", lambda *a: pytest.fail("ran anyway"))
+    try:
+        code = main(argv + (["--out", "run", "--iterations", "1", "--no-progress"]
+                            if argv[0] == "distill" else []))
+    except SystemExit as exit:          # argparse and a few path checks exit with a message
+        code = exit.code if isinstance(exit.code, int) else 2
+        message = exit.code if isinstance(exit.code, str) else ""
+    else:
+        message = ""
+    err = capsys.readouterr().err + message
+    assert code == 2, err
+    assert "error" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()      # nothing was created
 
 
 def test_lenet_on_8x8_digits_is_one_clear_line(capsys, tmp_path):
@@ -79,6 +136,18 @@ def test_datasets_lists_all(capsys):
         assert name in out
 
 
-def test_threads_option_limits_blas(capsys):
-    assert main(["--threads", "1", "train", "--epochs", "1", "--no-progress"]) == 0
-    assert "test accuracy" in capsys.readouterr().out
+@pytest.mark.parametrize("argv", [["--threads", "1", "datasets"], ["datasets", "--threads", "1"]])
+def test_threads_option_limits_blas(argv, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, "datasets", lambda args: seen.append(
+        [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]) or 0)
+    assert main(argv) == 0
+    assert seen and seen[0] and all(n == 1 for n in seen[0])
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.startswith("ddref 0.")

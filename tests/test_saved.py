@@ -165,3 +165,11 @@ def test_a_damaged_metrics_file_is_one_sentence(tmp_path, capsys, content, words
         assert main([command, str(out)]) == 2
         err = capsys.readouterr().err
         assert words in err and "metrics.json" in err and "Traceback" not in err
+
+
+def test_huge_learning_rates_are_an_error_not_a_chance_accuracy(good_set, tmp_path, digits):
+    from ddref.evaluate import TrainingDiverged
+
+    path = tampered(good_set, tmp_path, lrs=good_set.lrs * 1e200)
+    with np.errstate(all="ignore"), pytest.raises(TrainingDiverged, match="diverged"):
+        held_out_accuracy(DistilledSet.load(path), dataset=digits)
