@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -176,6 +177,8 @@ def cmd_distill(args):
 
     given = _given_config_options(args)
     config = DistillConfig.from_dict(given).validate()
+    if args.out is not None and not args.out.strip():
+        raise ValueError("--out is empty; name the run folder, e.g. --out runs/my-run.")
     out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.init}")
     replace = check_run_folder(out, resume=args.resume, force=args.force)
     checkpoint = out / "checkpoint.npz"
@@ -358,10 +361,18 @@ COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show,
 
 
 def main(argv=None):
-    from ddref.distill import DistillError
-    from ddref.nn import ShapeError
-    from ddref.saved import SavedFileError
+    try:
+        from ddref import backend  # noqa: F401  (selects DDREF_BACKEND, which may fail)
+        from ddref.distill import DistillError
+        from ddref.nn import ShapeError
+        from ddref.saved import SavedFileError
 
+        errors = (data.DataError, DistillError, SavedFileError, ShapeError, ValueError,
+                  backend.BackendUnavailable)
+    except (ValueError, ImportError, RuntimeError) as error:
+        print(f"ddref: error: {error} (from DDREF_BACKEND={os.environ.get('DDREF_BACKEND')!r})"
+              if "backend" in str(error).lower() else f"ddref: error: {error}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         if args.threads is not None:
@@ -370,7 +381,7 @@ def main(argv=None):
             with threadpool_limits(limits=args.threads, user_api="blas"):
                 return COMMANDS[args.command](args)
         return COMMANDS[args.command](args)
-    except (data.DataError, DistillError, SavedFileError, ShapeError, ValueError) as error:
+    except errors as error:
         print(f"ddref: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -198,6 +198,7 @@ class Distiller:
         self.labels = distilled_labels(self.dataset.num_classes, config.images_per_class)
         self.targets = one_hot(self.labels, self.dataset.num_classes, dtype)
         self.real_targets_of = self._make_real_targets()
+        self._check_fits_the_data()
         for name in ("source_class", "target_class"):
             if config.objective == "attack" and getattr(config, name) >= self.dataset.num_classes:
                 raise ValueError(f"{option_name(name)} {getattr(config, name)} is not a class of "
@@ -212,6 +213,18 @@ class Distiller:
         self.adam = Adam({"x": self.x, "raw_lrs": self.raw_lrs}, lr=config.lr, betas=config.betas)
         self.iteration = 0
         self.history = History()
+
+    def _check_fits_the_data(self):
+        cfg, y = self.config, self.dataset.y_train
+        if cfg.batch_size > len(y):
+            raise ValueError(f"--batch-size {cfg.batch_size} is more than the {len(y)} training "
+                             f"images of {self.dataset.name}; use at most {len(y)}.")
+        smallest = int(np.bincount(y, minlength=self.dataset.num_classes).min())
+        if cfg.images_per_class > smallest:
+            raise ValueError(f"--images-per-class {cfg.images_per_class} is more than the "
+                             f"{smallest} training images of the smallest class of "
+                             f"{self.dataset.name}, which the random-real baseline draws from; "
+                             f"use at most {smallest}.")
 
     # -- one outer iteration -------------------------------------------------------------
 
@@ -451,7 +464,11 @@ class Distiller:
         if not 0 <= iteration:
             raise DistillError(f"{path} is damaged (iteration {iteration}); start a new run with --force.")
         self.iteration = iteration
-        self.rng.bit_generator.state = json_field(arrays, "rng_state", path, "checkpoint")
+        try:
+            self.rng.bit_generator.state = json_field(arrays, "rng_state", path, "checkpoint")
+        except (TypeError, ValueError, KeyError):
+            raise DistillError(f"{path} is damaged (its random-generator state); start a new run "
+                               f"with --force.") from None
         self.x = want("x", self.x.shape)
         self.raw_lrs = want("raw_lrs", self.raw_lrs.shape)
         self.adam.load_state({

@@ -91,6 +91,7 @@ BAD_OPTIONS = [
     ["show", "nowhere"], ["train", "--epochs", "0"], ["train", "--batch-size", "0"],
     ["train", "--lr", "0"], ["train", "--lr", "nan"], ["train", "--seed", "-1"],
     ["train", "--model", "resnet"], ["train", "--dataset", "imagenet"], ["download", "imagenet"],
+    ["distill", "--batch-size", "100000"], ["distill", "--images-per-class", "2000"],
 ]
 
 
@@ -151,3 +152,26 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--version"])
     assert exit.value.code == 0 and capsys.readouterr().out.startswith("ddref 0.")
+
+
+def test_an_empty_out_is_refused(capsys):
+    assert main(["distill", "--out", "", "--iterations", "1"]) == 2
+    assert "--out is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["bogus", "cupy"])
+def test_a_bad_ddref_backend_is_one_sentence(backend):
+    import subprocess
+    import sys
+
+    pytest.importorskip("numpy")
+    if backend == "cupy":
+        try:
+            import cupy  # noqa: F401
+            pytest.skip("CuPy is installed here")
+        except ImportError:
+            pass
+    run = subprocess.run([sys.executable, "-m", "ddref", "datasets"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "DDREF_BACKEND": backend})
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("ddref: error:") and "DDREF_BACKEND" in run.stderr
