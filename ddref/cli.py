@@ -50,6 +50,8 @@ CONFIG_HELP = {
     "eval_every": "iterations between test-accuracy points on the curve (0: start and end only)",
     "eval_inits": "random init: held-out initialisations for the final accuracy",
     "checkpoint_every": "iterations between checkpoints",
+    "order": "learned: the steps in their order; random: a new random step order every "
+             "iteration (for order-independent images)",
 }
 
 
@@ -140,6 +142,12 @@ def build_parser():
     p.add_argument("run", help="run folder or distilled.npz")
     p.add_argument("--n-inits", type=_whole_number(1), default=None,
                    help="random init: held-out initialisations (default: the run's --eval-inits)")
+    p.add_argument("--order", choices=("learned", "shuffled", "pool"), default=None,
+                   help="train on the steps in their learned order, with the steps shuffled, or "
+                        "on the images as an unordered pool by minibatch SGD with a tuned lr")
+    p.add_argument("--model", default=None,
+                   help="train another network (mlp, lenet, convnet) on the set: with the learned "
+                        "lrs and with a tuned constant lr (images padded where needed)")
 
     p = sub.add_parser("show", parents=[common], help="redraw the figures of a run")
     p.add_argument("run", help="run folder or distilled.npz")
@@ -281,6 +289,8 @@ def cmd_evaluate(args):
 
     path = _distilled_path(args.run)
     distilled = DistilledSet.load(path)
+    if args.order is not None or args.model is not None:
+        return _evaluate_reuse(distilled, path, args)
     accuracy = held_out_accuracy(distilled, n_inits=args.n_inits, source=str(path))
     print(f"test accuracy of networks trained on {path}: {accuracy}")
     metrics_path = path.parent / "metrics.json"
@@ -293,6 +303,32 @@ def cmd_evaluate(args):
         print(f"reported at the end of the run: {100 * reported['mean']:.2f}% "
               f"({'reproduced' if same else 'DIFFERENT'})")
         return 0 if same else 1
+    return 0
+
+
+def _evaluate_reuse(distilled, path, args):
+    """`evaluate --order` and `evaluate --model`: the set used another way (ddref.reuse)."""
+    from ddref import reuse
+    from ddref.distill import check_n_inits, prepared_for_evaluation
+
+    config, dataset, model, x, lrs, theta0 = prepared_for_evaluation(distilled, source=str(path))
+    if args.model in (None, config.model):
+        check_n_inits(args.n_inits, config, str(path))
+    n_inits = args.n_inits or config.eval_inits
+    if args.model is not None and args.model != config.model:
+        if args.order not in (None, "learned"):
+            raise ValueError("--order with another --model: give one of them at a time.")
+        result = reuse.other_architecture_accuracy(args.model, dataset, x, distilled.labels, lrs,
+                                                   n_inits=n_inits, seed=config.seed)
+        learned = result["learned_lrs"] or "diverged (the learned rates are too large for it)"
+        print(f"{args.model} trained on {path} (distilled for {config.model}), {n_inits} held-out inits:")
+        print(f"  with the learned learning rates: {learned}")
+        print(f"  with a tuned constant lr ({result['lr']:g}): {result['tuned_lr']}")
+        return 0
+    order = args.order or "learned"
+    accuracy, lr = reuse.order_accuracy(order, model, dataset, x, distilled.labels, lrs,
+                                        theta0=theta0, n_inits=n_inits, seed=config.seed)
+    print(f"test accuracy, {order} order{f' (tuned lr {lr:g})' if lr else ''}: {accuracy}")
     return 0
 
 

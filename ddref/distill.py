@@ -74,6 +74,7 @@ class DistillConfig:
     eval_every: int = 100            # test accuracy for the curves (0: only at the end)
     eval_inits: int = 10             # random init: held-out initialisations for the final accuracy
     checkpoint_every: int = 100
+    order: str = "learned"           # 'learned': steps in their order; 'random': a new order every iteration
 
     @property
     def num_inner_steps(self):
@@ -92,6 +93,7 @@ class DistillConfig:
             (self.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}"),
             (self.init_scheme in nn.INIT_SCHEMES, "init_scheme", f"must be one of {', '.join(nn.INIT_SCHEMES)}"),
             (self.dtype in ("float32", "float64"), "dtype", "must be float32 or float64"),
+            (self.order in ("learned", "random"), "order", "must be learned or random"),
             (self.source_class != self.target_class or self.objective != "attack", "target_class",
              "must differ from --source-class for an attack"),
         ]
@@ -264,8 +266,24 @@ class Distiller:
             loss, grad_x, grad_raw = loss + mg.loss, grad_x + mg.grad_x, grad_raw + mg.grad_raw_lrs
         return loss / n_nets, grad_x / n_nets, grad_raw / n_nets
 
+    def meta_gradient_in_order(self):
+        """The meta-gradient with the steps in their order, or — with ``order='random'`` — in
+        a fresh random order (the rate η̃[e, s] stays with position s), mapped back to x̃."""
+        if self.config.order == "learned":
+            return self.meta_gradient()
+        order = self.rng.permutation(self.config.steps)
+        images = self.x
+        self.x = images[backend.asarray(order)]
+        try:
+            loss, grad_permuted, grad_raw = self.meta_gradient()
+        finally:
+            self.x = images
+        grad_x = backend.xp().empty_like(grad_permuted)
+        grad_x[backend.asarray(order)] = grad_permuted
+        return loss, grad_x, grad_raw
+
     def step(self):
-        loss, grad_x, grad_raw = self.meta_gradient()
+        loss, grad_x, grad_raw = self.meta_gradient_in_order()
         self._check_healthy(loss, grad_x, grad_raw)
         self.adam.lr = self.outer_lr()
         updated = self.adam.step({"x": self.x, "raw_lrs": self.raw_lrs},
@@ -513,17 +531,15 @@ def _main_thread():
     return threading.current_thread() is threading.main_thread()
 
 
-def held_out_accuracy(distilled: DistilledSet, dataset=None, n_inits=None, source="distilled set") -> Accuracy:
-    """Re-evaluate a saved distilled set the way the run that made it did."""
+def prepared_for_evaluation(distilled: DistilledSet, dataset=None, source="distilled set"):
+    """Everything needed to train on a saved set, after checking that it fits its data set and
+    model: (config, dataset, model, images, lrs, θ0 or None), arrays on the host in the run's
+    dtype."""
     try:
         config = DistillConfig.from_dict(distilled.config).validate()
     except (TypeError, ValueError) as error:
         raise SavedFileError(f"{source}: its config cannot be used ({error}); make it again "
                              f"with `ddref distill`.") from None
-    if n_inits is not None and config.init == "fixed":
-        raise ValueError(f"--n-inits applies to sets distilled for random initialisations; "
-                         f"{source} was distilled for one fixed θ0, which it stores: leave "
-                         f"--n-inits out.")
     dataset = dataset if dataset is not None else data.load(config.dataset, dtype=config.dtype)
     model = nn.build_model(config.model, dataset.image_shape, dataset.num_classes)
     model.check_input(distilled.images.shape)
@@ -535,9 +551,26 @@ def held_out_accuracy(distilled: DistilledSet, dataset=None, n_inits=None, sourc
     theta0 = None
     if distilled.theta0 is not None:
         theta0 = {k: backend.asarray(v, dtype=config.dtype) for k, v in distilled.theta0.items()}
-    x = backend.asarray(distilled.images, dtype=config.dtype)
-    return evaluate_distilled(model, dataset, x, distilled.labels, backend.asarray(distilled.lrs, dtype=config.dtype),
-                              theta0=theta0, n_inits=n_inits or config.eval_inits, seed=config.seed)
+    images = np.asarray(distilled.images, dtype=config.dtype)
+    lrs = np.asarray(distilled.lrs, dtype=config.dtype)
+    return config, dataset, model, images, lrs, theta0
+
+
+def check_n_inits(n_inits, config, source="distilled set"):
+    """``--n-inits`` means something only for sets distilled for random initialisations."""
+    if n_inits is not None and not config.init.startswith("random"):
+        raise ValueError(f"--n-inits applies to sets distilled for random initialisations; "
+                         f"{source} was distilled for one fixed θ0, which it stores: leave "
+                         f"--n-inits out.")
+
+
+def held_out_accuracy(distilled: DistilledSet, dataset=None, n_inits=None, source="distilled set") -> Accuracy:
+    """Re-evaluate a saved distilled set the way the run that made it did."""
+    config, dataset, model, images, lrs, theta0 = prepared_for_evaluation(distilled, dataset, source)
+    check_n_inits(n_inits, config, source)
+    return evaluate_distilled(model, dataset, backend.asarray(images), distilled.labels,
+                              backend.asarray(lrs), theta0=theta0,
+                              n_inits=n_inits or config.eval_inits, seed=config.seed)
 
 
 __all__ = ["DistillConfig", "Distiller", "DistilledSet", "DistillError", "held_out_accuracy",

@@ -136,6 +136,7 @@ class Accuracy:
     mean: float
     std: float
     n: int
+    values: tuple = ()      # the accuracy of each network behind mean ± std
 
     def __str__(self):
         if self.n == 1:
@@ -145,7 +146,8 @@ class Accuracy:
     @classmethod
     def of(cls, values):
         values = np.asarray(values, dtype=float)
-        return cls(float(values.mean()), float(values.std()), len(values))
+        return cls(float(values.mean()), float(values.std()), len(values),
+                   tuple(float(v) for v in values))
 
 
 def held_out_inits(model, n, seed, dtype):
@@ -195,8 +197,11 @@ def random_real_baseline(model, dataset, steps, epochs, labels, theta0=None, n_d
         return train_on_steps(model.apply, inits[draw], x, targets, lrs)
 
     def train_split_accuracy(lr):
-        accs = [accuracy_on(model.apply, trained(lr, d), dataset.x_train, dataset.y_train)
-                for d in range(tune_draws)]
+        try:
+            accs = [accuracy_on(model.apply, trained(lr, d), dataset.x_train, dataset.y_train)
+                    for d in range(tune_draws)]
+        except TrainingDiverged:        # a learning rate that diverges is the worst choice
+            return -np.inf
         return np.mean(accs)
 
     best_lr = max(lr_grid, key=train_split_accuracy)

@@ -175,3 +175,11 @@ def test_a_bad_ddref_backend_is_one_sentence(backend):
                          env={**__import__("os").environ, "DDREF_BACKEND": backend})
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.startswith("ddref: error:") and "DDREF_BACKEND" in run.stderr
+
+
+@pytest.mark.parametrize("extra,words", [(["--order", "pool"], "pool order (tuned lr"),
+                                         (["--order", "shuffled"], "shuffled order"),
+                                         (["--model", "lenet", "--n-inits", "1"], "with a tuned constant lr")])
+def test_evaluate_in_another_order_or_on_another_network(run_dir, capsys, extra, words):
+    assert main(["evaluate", str(run_dir), *extra]) == 0
+    assert words in capsys.readouterr().out
