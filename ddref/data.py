@@ -194,8 +194,9 @@ REMOTE_FILES = {
 # No marker file vouches for a file: anyone who can plant a file in the cache can plant a
 # marker beside it, and CIFAR-10 is a pickle, so skipping the checksum would let a planted
 # archive run code.  Hashing costs about as much as reading the file (0.9 s to read and
-# hash 170 MB on a busy 2-core machine), less than decompressing and parsing it.  The file is read once; the checksum is taken of those bytes and
-# the readers parse those same bytes, so nothing can swap the file in between.
+# hash 170 MB on a busy 2-core machine), less than decompressing and parsing it.  The file
+# is read once; the checksum is taken of those bytes and the readers parse those same
+# bytes, so nothing can swap the file in between.
 
 
 @dataclass(frozen=True)
