@@ -658,6 +658,48 @@ class Algorithm1Result:
         return float(np.linalg.norm(residual, 2))
 
 
+def expected_one_step_loss(d, t, d_distilled, t_distilled, lr):
+    """E_{θ0 ~ N(0, I)} ℓ(θ1) on the real data (d, t): what Algorithm 1 minimises, in closed form.
+
+    θ1 = A θ0 + c with A = I − (η̃/M) d̃ᵀd̃ and c = (η̃/M) d̃ᵀt̃, so for K outputs
+        E ‖d θ1 − t‖² = K tr(Aᵀ dᵀd A) + ‖d c − t‖²      (the cross term has mean zero),
+    divided by 2N.  d̃ is (M, D); t̃ has the shape of t's rows, (M,) or (M, K).
+    """
+    d, t = _check_data(d, t)
+    d_distilled, t_distilled = _check_data(d_distilled, t_distilled, ("d_distilled", "t_distilled"))
+    lr = _check_lr(lr)
+    if d_distilled.shape[1] != d.shape[1] or t_distilled.shape[1:] != t.shape[1:]:
+        raise ValueError(
+            f"d_distilled {d_distilled.shape} and t_distilled {t_distilled.shape} must match the "
+            f"features and outputs of d {d.shape} and t {t.shape}."
+        )
+    n_outputs = 1 if t.ndim == 1 else t.shape[1]
+    residual_map = np.eye(d.shape[1]) - lr / len(d_distilled) * d_distilled.T @ d_distilled
+    offset = lr / len(d_distilled) * d_distilled.T @ t_distilled
+    spread = n_outputs * np.trace(residual_map.T @ d.T @ d @ residual_map)
+    return float((spread + np.sum((d @ offset - t) ** 2)) / (2 * len(d)))
+
+
+def one_step_loss_floor(d, t, n_distilled):
+    """The least :func:`expected_one_step_loss` any one step on M points can reach, or a
+    lower bound on it for M < D.
+
+    A is the identity on null(d̃), of dimension at least D − M, and leaves the rest of ℝᴰ
+    alone, so tr(Aᵀ dᵀd A) ≥ the sum of the D − M smallest eigenvalues of dᵀd; and
+    ‖d c − t‖² is at least the least-squares residual ‖d θ* − t‖².  For M ≥ D both terms
+    can be met at once (A = 0, c = θ*), and the floor is the least-squares loss itself.
+    """
+    d, t = _check_data(d, t)
+    if int(n_distilled) != n_distilled or n_distilled < 1:
+        raise ValueError(f"n_distilled must be a positive integer; got {n_distilled}.")
+    n_outputs = 1 if t.ndim == 1 else t.shape[1]
+    eigenvalues = np.linalg.eigvalsh(d.T @ d)                  # ascending
+    uncorrected = max(0, d.shape[1] - int(n_distilled))
+    theta_star, *_ = np.linalg.lstsq(d, t, rcond=None)
+    fit = np.sum((d @ theta_star - t) ** 2)
+    return float((n_outputs * np.sum(eigenvalues[:uncorrected]) + fit) / (2 * len(d)))
+
+
 def cubature_inits(dim, n_outputs):
     """The 2·D·K points ±√(D·K)·e_i, as θ0 = {"w": (D, K)} on the selected backend.
 

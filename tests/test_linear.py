@@ -466,6 +466,8 @@ def test_mismatched_shapes_are_refused_with_one_sentence():
         (lambda: linear.max_error_on_sphere(np.eye(3), np.zeros(3), -1.0), "non-negative"),
         (lambda: linear.max_error_on_sphere(np.eye(3), np.zeros(2), 1.0), "square and match"),
         (lambda: linear.unit_eigenvalues(theta, 0.1), r"\(M, D\)"),
+        (lambda: linear.expected_one_step_loss(d, t, d[:3, :2], t[:3], 0.1), "must match the features"),
+        (lambda: linear.one_step_loss_floor(d, t, 0), "positive integer"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message) as info:
@@ -515,15 +517,6 @@ def _residual_map(d_distilled, lr):
     return np.eye(dim) - lr / n_distilled * d_distilled.T @ d_distilled
 
 
-def _expected_real_loss(d, t, d_distilled, t_distilled, lr):
-    """E_{θ0 ~ N(0, I)} 1/(2N)‖d θ1 − t‖² in closed form: θ1 = A θ0 + c with
-    c = (η̃/M) d̃ᵀt̃, so the expectation is (tr(Aᵀ dᵀd A) + ‖d c − t‖²) / 2N."""
-    residual_map = _residual_map(d_distilled, lr)
-    offset = lr / len(d_distilled) * d_distilled.T @ t_distilled
-    spread = np.trace(residual_map.T @ d.T @ d @ residual_map)
-    return (spread + np.sum((d @ offset - t) ** 2)) / (2 * len(d))
-
-
 def _best_real_loss_for_row_space(d, t, d_distilled):
     """The least expected real loss of any one step whose d̃ has the row space R of
     ``d_distilled``: A = the projector P_N onto null(d̃), and the offset c ∈ R fitted by
@@ -536,13 +529,6 @@ def _best_real_loss_for_row_space(d, t, d_distilled):
     return (np.trace(null_projector @ d.T @ d @ null_projector) + fit) / (2 * len(d))
 
 
-def _floor_for_any_design(d, n_distilled):
-    """½ Σ of the D − M smallest eigenvalues of dᵀd/N: no one-step d̃ of M < D points does
-    better (t = dθ* exactly, so the least-squares residual adds nothing)."""
-    eigenvalues = np.linalg.eigvalsh(d.T @ d / len(d))
-    return 0.5 * np.sum(eigenvalues[: d.shape[1] - n_distilled])
-
-
 def _is_exact_design(d_distilled, t_distilled, lr, theta_star, tolerance=1e-8):
     residual_ok = np.linalg.norm(_residual_map(d_distilled, lr), 2) < tolerance
     check = linear.check_distilled(d_distilled, t_distilled, lr, theta_star, radius=10.0)
@@ -553,9 +539,44 @@ def _is_best_projector(d, t, d_distilled, t_distilled, lr, tolerance=1e-8):
     n_distilled, dim = d_distilled.shape
     eigenvalues = np.linalg.eigvalsh(_residual_map(d_distilled, lr))
     expected = np.r_[np.zeros(min(n_distilled, dim)), np.ones(max(dim - n_distilled, 0))]
-    loss = _expected_real_loss(d, t, d_distilled, t_distilled, lr)
+    loss = linear.expected_one_step_loss(d, t, d_distilled, t_distilled, lr)
     best = _best_real_loss_for_row_space(d, t, d_distilled)
     return np.max(np.abs(eigenvalues - expected)) < tolerance and abs(loss - best) < tolerance * best
+
+
+@pytest.mark.parametrize("n_outputs", [None, 2])
+def test_expected_one_step_loss_is_the_cubature_mean(n_outputs):
+    """E_{θ0 ~ N(0, I)} ℓ(θ1) in closed form against the exact cubature over θ0 ∈ {±√(DK) e_i}
+    (θ1 is affine in θ0 and ℓ quadratic, so the mean over those points is the expectation)."""
+    rng = np.random.default_rng(21)
+    d, t, _ = random_problem(rng, 30, 4, n_outputs)
+    d_distilled, t_distilled, lr = random_distilled(rng, 3, 4, n_outputs)
+    theta_shape = (4,) if n_outputs is None else (4, n_outputs)
+    size = int(np.prod(theta_shape))
+    points = [sign * np.sqrt(size) * np.eye(size)[i].reshape(theta_shape)
+              for i in range(size) for sign in (1, -1)]
+    cubature = np.mean([linear.loss(linear.gradient_step(p, d_distilled, t_distilled, lr), d, t)
+                        for p in points])
+    assert linear.expected_one_step_loss(d, t, d_distilled, t_distilled, lr) == pytest.approx(cubature, rel=1e-12)
+
+
+@pytest.mark.parametrize("n_distilled", [1, 3, 5, 7])
+def test_no_one_step_design_beats_the_floor_and_the_construction_meets_it_for_m_at_least_d(n_distilled):
+    rng = np.random.default_rng(22)
+    dim = 5
+    d, t, theta_star = random_problem(rng, 40, dim)
+    floor = linear.one_step_loss_floor(d, t, n_distilled)
+    least_squares = linear.loss(theta_star, d, t)
+    for _ in range(200):
+        d_distilled, t_distilled, lr = random_distilled(rng, n_distilled, dim)
+        assert linear.expected_one_step_loss(d, t, d_distilled, t_distilled, lr) >= floor
+    d_distilled, t_distilled = linear.construct_distilled(theta_star, n_distilled, 0.3, rng)
+    constructed = linear.expected_one_step_loss(d, t, d_distilled, t_distilled, 0.3)
+    if n_distilled >= dim:
+        assert floor == pytest.approx(least_squares, rel=1e-12)
+        assert constructed == pytest.approx(floor, rel=1e-9)
+    else:
+        assert floor > least_squares and constructed >= floor
 
 
 @pytest.mark.parametrize("dim, n_distilled, seed", [(3, 3, 0), (5, 5, 3), (4, 6, 3)])
@@ -585,9 +606,9 @@ def test_algorithm1_below_m_equals_d_corrects_m_directions_and_leaves_the_rest(d
     # ... and D − M directions are never corrected: the failure the theory predicts
     count, _ = linear.unit_eigenvalues(d_distilled, lr)
     assert count == dim - n_distilled
-    loss = _expected_real_loss(d, t, d_distilled, t_distilled, lr)
-    assert loss == pytest.approx(result.losses[-1], rel=1e-8)
-    assert loss >= _floor_for_any_design(d, n_distilled) > 0.3 * (dim - n_distilled)
+    loss = linear.expected_one_step_loss(d, t, d_distilled, t_distilled, lr)
+    assert loss == pytest.approx(result.losses[-1], rel=1e-8)   # the closed form is what it minimised
+    assert loss >= linear.one_step_loss_floor(d, t, n_distilled) > 0.3 * (dim - n_distilled)
     worst, _ = linear.worst_case_error(d_distilled, t_distilled, lr, theta_star, radius=2.0)
     assert worst >= 2.0 * (1 - 1e-12)
 
