@@ -36,6 +36,7 @@ import io
 import os
 import pathlib
 import pickle
+import stat
 import struct
 import tarfile
 import tempfile
@@ -244,10 +245,24 @@ def _read_verified(name: str, remote: RemoteFile, path: pathlib.Path) -> _Verifi
     return _Verified(path, content)
 
 
+def _kind(path: pathlib.Path) -> str:
+    """'file', 'folder', 'missing' or 'other' — or a DataError if ``path`` cannot be looked at."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"  # a dangling link counts as missing too
+    except OSError as error:
+        raise DataError(
+            f"cannot look at {path} ({error.strerror or error}): make its folder readable, "
+            f"or point $DDREF_DATA at a folder you can read and write."
+        ) from None
+    return "file" if stat.S_ISREG(mode) else "folder" if stat.S_ISDIR(mode) else "other"
+
+
 def _check_folder_usable(directory: pathlib.Path) -> None:
     """Refuse a data folder that is, or lies below, a file (e.g. ``$DDREF_DATA`` names a file)."""
-    for folder in (directory, *directory.parents):
-        if folder.exists() and not folder.is_dir():
+    for folder in reversed((directory, *directory.parents)):
+        if _kind(folder) in ("file", "other"):
             raise DataError(
                 f"{folder} is a file, not a folder, so ddref cannot keep data sets in "
                 f"{directory}: point $DDREF_DATA at a folder (or move the file away)."
@@ -255,7 +270,7 @@ def _check_folder_usable(directory: pathlib.Path) -> None:
 
 
 def _check_not_a_folder(name: str, path: pathlib.Path) -> None:
-    if path.is_dir():
+    if _kind(path) == "folder":
         raise DataError(
             f"{path} is a folder where ddref expects the file {path.name}: remove the folder, "
             f"then run `ddref download {name}`."
@@ -269,7 +284,7 @@ def _verified_files(name: str, root=None) -> dict:
     remote_files = REMOTE_FILES[name]
     for remote in remote_files:
         _check_not_a_folder(name, directory / remote.filename)
-    missing = [f.filename for f in remote_files if not (directory / f.filename).is_file()]
+    missing = [f.filename for f in remote_files if _kind(directory / f.filename) != "file"]
     if missing:
         raise DataError(
             f"{name} needs {', '.join(missing)} in {directory}: run `ddref download {name}` "

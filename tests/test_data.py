@@ -779,3 +779,21 @@ def test_the_command_line_names_a_data_folder_that_is_a_file(tmp_path, command):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("ddref: error: ") and "is a file, not a folder" in done.stderr
     assert one_sentence(done.stderr.strip())
+
+
+def test_a_folder_that_cannot_be_looked_into_is_named(published_mnist, monkeypatch):
+    published_mnist.place_in_cache()
+    real_stat = data.pathlib.Path.stat
+
+    def stat(path, **kwargs):
+        if published_mnist.directory in (path, *path.parents):   # the folder and all below it
+            raise PermissionError(13, "Permission denied")
+        return real_stat(path, **kwargs)
+
+    monkeypatch.setattr(data.pathlib.Path, "stat", stat)
+    for call in (lambda: data.load("mnist", published_mnist.root),
+                 lambda: data.download("mnist", published_mnist.root)):
+        with pytest.raises(DataError, match=r"cannot look at .*Permission denied") as raised:
+            call()
+        assert one_sentence(str(raised.value))
+    assert not data.available("mnist", published_mnist.root)
