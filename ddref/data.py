@@ -17,27 +17,32 @@ Two kinds of data set:
 * **download-backed**: ``mnist``, ``usps``, ``svhn`` and ``cifar10``, read from their
   standard published files.  :func:`download` fetches them into
   ``cache_dir(root)/<name>/`` and checks each against its published MD5 checksum;
-  files placed there by hand are checked the same way before they are used, so a
-  truncated or corrupt file is never used silently.
+  every load checks the bytes it reads the same way before parsing them (files placed
+  there by hand included), so a truncated, corrupt or planted file is never used.
+  CIFAR-10's pickles are moreover read by an unpickler that admits only the arrays,
+  lists, strings and numbers of the format, so even they cannot run code.
 
 Data lives on the host as numpy arrays; model code moves it to the device itself.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import http.client
 import importlib.util
-import json
+import io
 import os
 import pathlib
 import pickle
+import stat
 import struct
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -184,8 +189,23 @@ REMOTE_FILES = {
 
 
 # ---------------------------------------------------------------------------------------
-# Checksums, with a small marker so that big files are hashed once, not on every load
+# Checksums: every load hashes the very bytes it then parses
 # ---------------------------------------------------------------------------------------
+#
+# No marker file vouches for a file: anyone who can plant a file in the cache can plant a
+# marker beside it, and CIFAR-10 is a pickle, so skipping the checksum would let a planted
+# archive run code.  Hashing costs about as much as reading the file (0.9 s to read and
+# hash 170 MB on a busy 2-core machine), less than decompressing and parsing it.  The file
+# is read once; the checksum is taken of those bytes and the readers parse those same
+# bytes, so nothing can swap the file in between.
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """The bytes of one published file, read once and checked against its MD5 checksum."""
+
+    path: pathlib.Path  # where they were read from, for messages
+    content: bytes
 
 
 def _md5_of(path: pathlib.Path) -> str:
@@ -196,35 +216,12 @@ def _md5_of(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def _marker_path(path: pathlib.Path) -> pathlib.Path:
-    return path.with_name(path.name + ".verified")
-
-
-def _fingerprint(path: pathlib.Path, md5: str) -> dict:
-    """What the marker remembers: the checksum that matched, and the file's size and mtime."""
-    stat = path.stat()
-    return {"md5": md5, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def _remember_verified(path: pathlib.Path, md5: str) -> None:
+def _has_checksum(path: pathlib.Path, md5: str) -> bool:
+    """Whether ``path`` is a readable file with checksum ``md5`` (never raises)."""
     try:
-        _marker_path(path).write_text(json.dumps(_fingerprint(path, md5)))
+        return path.is_file() and _md5_of(path) == md5
     except OSError:
-        pass  # the marker only saves time; a read-only folder just means hashing again
-
-
-def _is_verified(path: pathlib.Path, md5: str) -> bool:
-    """Whether the file at ``path`` has checksum ``md5``, hashing it only if it changed."""
-    try:
-        remembered = json.loads(_marker_path(path).read_text())
-    except (OSError, ValueError):
-        remembered = None
-    if remembered == _fingerprint(path, md5):
-        return True
-    if _md5_of(path) != md5:
         return False
-    _remember_verified(path, md5)
-    return True
 
 
 def _corrupt_file_error(name: str, path: pathlib.Path) -> DataError:
@@ -235,11 +232,59 @@ def _corrupt_file_error(name: str, path: pathlib.Path) -> DataError:
     )
 
 
+def _read_verified(name: str, remote: RemoteFile, path: pathlib.Path) -> _Verified:
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        raise DataError(
+            f"cannot read {path} ({error.strerror or error}): make it readable, or delete it "
+            f"and download it again with `ddref download {name}`."
+        ) from None
+    if hashlib.md5(content).hexdigest() != remote.md5:
+        raise _corrupt_file_error(name, path)
+    return _Verified(path, content)
+
+
+def _kind(path: pathlib.Path) -> str:
+    """'file', 'folder', 'missing' or 'other' — or a DataError if ``path`` cannot be looked at."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"  # a dangling link counts as missing too
+    except OSError as error:
+        raise DataError(
+            f"cannot look at {path} ({error.strerror or error}): make its folder readable, "
+            f"or point $DDREF_DATA at a folder you can read and write."
+        ) from None
+    return "file" if stat.S_ISREG(mode) else "folder" if stat.S_ISDIR(mode) else "other"
+
+
+def _check_folder_usable(directory: pathlib.Path) -> None:
+    """Refuse a data folder that is, or lies below, a file (e.g. ``$DDREF_DATA`` names a file)."""
+    for folder in reversed((directory, *directory.parents)):
+        if _kind(folder) in ("file", "other"):
+            raise DataError(
+                f"{folder} is a file, not a folder, so ddref cannot keep data sets in "
+                f"{directory}: point $DDREF_DATA at a folder (or move the file away)."
+            )
+
+
+def _check_not_a_folder(name: str, path: pathlib.Path) -> None:
+    if _kind(path) == "folder":
+        raise DataError(
+            f"{path} is a folder where ddref expects the file {path.name}: remove the folder, "
+            f"then run `ddref download {name}`."
+        )
+
+
 def _verified_files(name: str, root=None) -> dict:
-    """The paths of the files of ``name``, each checked against its checksum."""
+    """The files of ``name`` by file name, each read and checked against its checksum."""
     directory = _dataset_dir(name, root)
+    _check_folder_usable(directory)
     remote_files = REMOTE_FILES[name]
-    missing = [f.filename for f in remote_files if not (directory / f.filename).is_file()]
+    for remote in remote_files:
+        _check_not_a_folder(name, directory / remote.filename)
+    missing = [f.filename for f in remote_files if _kind(directory / f.filename) != "file"]
     if missing:
         raise DataError(
             f"{name} needs {', '.join(missing)} in {directory}: run `ddref download {name}` "
@@ -247,13 +292,10 @@ def _verified_files(name: str, root=None) -> dict:
             f"files there by hand (from {_sources(remote_files, missing)}) and ddref will "
             f"verify their checksums."
         )
-    paths = {}
-    for remote in remote_files:
-        path = directory / remote.filename
-        if not _is_verified(path, remote.md5):
-            raise _corrupt_file_error(name, path)
-        paths[remote.filename] = path
-    return paths
+    return {
+        remote.filename: _read_verified(name, remote, directory / remote.filename)
+        for remote in remote_files
+    }
 
 
 def _sources(remote_files, filenames) -> str:
@@ -266,8 +308,11 @@ def _sources(remote_files, filenames) -> str:
 # Downloading: stream to a temporary file beside the target, check, then rename
 # ---------------------------------------------------------------------------------------
 
-_NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)
+# Network failures: URLError, timeouts, resets and SSL errors are all OSErrors.  Failures to
+# write the local file are turned into DataError before they can be mistaken for these.
+_NETWORK_ERRORS = (OSError, http.client.HTTPException)
 _DOWNLOAD_TIMEOUT_S = 60
+_WRITABLE_FOLDER = "point $DDREF_DATA at a folder you can write to"
 
 
 def download(name: str, root=None) -> list:
@@ -280,20 +325,34 @@ def download(name: str, root=None) -> list:
     Package-backed data sets have nothing to fetch: the list is empty.
     """
     _entry(name)
-    return list(_download_missing(name, root).values())
+    return _download_missing(name, root)
 
 
-def _download_missing(name: str, root=None) -> dict:
-    """Download the files of ``name`` that are absent or wrong; return all paths by file name."""
+def _download_missing(name: str, root=None) -> list:
+    """Download the files of ``name`` that are absent or wrong; return all their paths."""
     directory = _dataset_dir(name, root)
-    paths = {}
-    for remote in REMOTE_FILES.get(name, ()):
+    remote_files = REMOTE_FILES.get(name, ())
+    if remote_files:
+        _check_folder_usable(directory)
+    paths = []
+    for remote in remote_files:
         path = directory / remote.filename
-        if not (path.is_file() and _is_verified(path, remote.md5)):
-            directory.mkdir(parents=True, exist_ok=True)
+        _check_not_a_folder(name, path)
+        if not _has_checksum(path, remote.md5):
+            _make_folder(directory)
             _fetch(name, remote, path)
-        paths[remote.filename] = path
+        paths.append(path)
     return paths
+
+
+def _make_folder(directory: pathlib.Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(
+            f"cannot create the folder {directory} ({error.strerror or error}): "
+            f"{_WRITABLE_FOLDER}."
+        ) from None
 
 
 def _fetch(name: str, remote: RemoteFile, path: pathlib.Path) -> None:
@@ -315,25 +374,39 @@ def _fetch(name: str, remote: RemoteFile, path: pathlib.Path) -> None:
 
 def _download_verified(url: str, path: pathlib.Path, md5: str) -> None:
     """Stream ``url`` into a temporary file beside ``path``; rename it only if ``md5`` matches."""
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".part"
-    )
+    try:
+        descriptor, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".part"
+        )
+    except OSError as error:
+        raise DataError(
+            f"cannot write in {path.parent} ({error.strerror or error}): {_WRITABLE_FOLDER}."
+        ) from None
     try:
         with os.fdopen(descriptor, "wb") as stream:
-            actual_md5 = _copy_response(url, stream, path.name)
+            actual_md5 = _copy_response(url, stream, path)
         if actual_md5 != md5:
             raise DataError(
                 f"the download of {path.name} from {url} has MD5 {actual_md5} instead of the "
                 f"published {md5}; nothing was saved, so try again later or fetch the file by hand."
             )
-        os.replace(temporary, path)
-        _remember_verified(path, md5)
+        _put_in_place(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
 
 
-def _copy_response(url: str, stream, label: str) -> str:
+def _put_in_place(temporary: str, path: pathlib.Path) -> None:
+    try:
+        os.replace(temporary, path)
+    except OSError as error:
+        raise DataError(
+            f"cannot save {path} ({error.strerror or error}): remove whatever is in its way, "
+            f"or {_WRITABLE_FOLDER}."
+        ) from None
+
+
+def _copy_response(url: str, stream, path: pathlib.Path) -> str:
     """Copy the body at ``url`` into ``stream`` with a progress bar; return its MD5."""
     from tqdm import tqdm
 
@@ -341,12 +414,25 @@ def _copy_response(url: str, stream, label: str) -> str:
     with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
         length = response.headers.get("Content-Length")
         total = int(length) if length else None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False) as progress:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, leave=False) as progress:
             for chunk in iter(lambda: response.read(1 << 20), b""):
-                stream.write(chunk)
+                _write(stream, chunk, path)
                 digest.update(chunk)
                 progress.update(len(chunk))
     return digest.hexdigest()
+
+
+def _write(stream, chunk: bytes, path: pathlib.Path) -> None:
+    """Write and flush one chunk, so that a local failure (a full disk) surfaces here, as a
+    DataError, and not later as an OSError that would pass for a network failure."""
+    try:
+        stream.write(chunk)
+        stream.flush()
+    except OSError as error:
+        raise DataError(
+            f"cannot save {path} ({error.strerror or error}): free some disk space, or "
+            f"{_WRITABLE_FOLDER}."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -407,32 +493,31 @@ def _unit_pixels(raw: np.ndarray, dtype) -> np.ndarray:
     return pixels
 
 
-def _read_idx(path: pathlib.Path) -> np.ndarray:
+def _read_idx(file: _Verified) -> np.ndarray:
     """An array of unsigned bytes from a gzipped IDX file (MNIST's format).
 
     The header is two zero bytes, a type code (0x08 for unsigned bytes), the number of
     dimensions, then each dimension as a big-endian 32-bit integer.
     """
     try:
-        with gzip.open(path, "rb") as stream:
-            content = stream.read()
+        content = gzip.decompress(file.content)
         zeros, type_code, ndim = struct.unpack(">HBB", content[:4])
         shape = struct.unpack(f">{ndim}I", content[4 : 4 + 4 * ndim])
         body = np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * ndim)
         if zeros != 0 or type_code != 0x08 or body.size != np.prod(shape):
             raise ValueError("the IDX header does not describe the data that follows")
-    except (OSError, EOFError, struct.error, ValueError) as error:
-        raise _unreadable(path, "an IDX file", error) from None
+    except (OSError, EOFError, zlib.error, struct.error, ValueError) as error:
+        raise _unreadable(file.path, "an IDX file", error) from None
     return body.reshape(shape)
 
 
-def _read_mnist_split(images_path, labels_path, dtype):
-    images = _read_idx(images_path)
-    labels = _read_idx(labels_path).astype(np.int64)
+def _read_mnist_split(images_file: _Verified, labels_file: _Verified, dtype):
+    images = _read_idx(images_file)
+    labels = _read_idx(labels_file).astype(np.int64)
     if images.ndim != 3 or labels.shape != images.shape[:1]:
         raise DataError(
-            f"{images_path} and {labels_path} do not hold matching images and labels: "
-            f"delete them and download them again."
+            f"{images_file.path} and {labels_file.path} do not hold matching images and "
+            f"labels: delete them and download them again."
         )
     return _unit_pixels(images, dtype)[:, None, :, :], labels
 
@@ -448,27 +533,28 @@ def _read_mnist(files, dtype) -> _Split:
     return _Split(x_train, y_train, x_test, y_test, _DIGIT_CLASSES)
 
 
-def _read_libsvm_usps(path: pathlib.Path, dtype):
+def _read_libsvm_usps(file: _Verified, dtype):
     """USPS in LIBSVM's text format, bzip2-compressed.
 
     Each line is ``label index:value ...`` with labels 1..10 for the digits 0..9, 256
     pixel values in [-1, 1] and indices counted from 1; an absent index means value 0.
     """
-    import bz2
-
     labels, rows = [], []
     try:
-        with bz2.open(path, "rt") as lines:
-            for line in lines:
-                label, *features = line.split()
-                row = np.zeros(256, dtype=dtype)
-                for feature in features:
-                    index, value = feature.split(":")
-                    row[int(index) - 1] = float(value)
-                labels.append(int(float(label)) - 1)
-                rows.append(row)
-    except (OSError, EOFError, ValueError, IndexError) as error:
-        raise _unreadable(path, "a USPS file", error) from None
+        for line in bz2.decompress(file.content).decode("ascii").splitlines():
+            label, *features = line.split()
+            row = np.zeros(256, dtype=dtype)
+            for feature in features:
+                index, value = feature.split(":")
+                if not 1 <= int(index) <= 256:
+                    raise ValueError(f"pixel index {index} outside 1..256")
+                row[int(index) - 1] = float(value)
+            labels.append(int(float(label)) - 1)
+            rows.append(row)
+        if not rows:
+            raise ValueError("no lines")
+    except (OSError, EOFError, ValueError) as error:
+        raise _unreadable(file.path, "a USPS file", error) from None
     pixels = (np.stack(rows) + 1) / 2  # [-1, 1] -> [0, 1]
     return pixels.astype(dtype).reshape(-1, 1, 16, 16), np.asarray(labels, dtype=np.int64)
 
@@ -480,15 +566,18 @@ def _read_usps(files, dtype) -> _Split:
     return _Split(x_train, y_train, x_test, y_test, _DIGIT_CLASSES)
 
 
-def _read_svhn_mat(path: pathlib.Path, dtype):
+def _read_svhn_mat(file: _Verified, dtype):
     """One SVHN ``*_32x32.mat`` file: X holds H×W×C×N bytes, y the labels 1..10 (10 is digit 0)."""
     import scipy.io
 
     try:
-        content = scipy.io.loadmat(path)
+        content = scipy.io.loadmat(io.BytesIO(file.content))
         images, labels = content["X"], content["y"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise _unreadable(path, "an SVHN file", error) from None
+        if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or labels.size != images.shape[3]:
+            raise ValueError(f"X of shape {images.shape} and y of shape {labels.shape}")
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError,
+            scipy.io.matlab.MatReadError) as error:
+        raise _unreadable(file.path, "an SVHN file", error) from None
     labels = labels.astype(np.int64).reshape(-1) % 10
     return _unit_pixels(np.transpose(images, (3, 2, 0, 1)), dtype), labels
 
@@ -503,26 +592,99 @@ def _read_svhn(files, dtype) -> _Split:
 _CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
-def _read_cifar10_archive(path: pathlib.Path) -> dict:
+def _numeric_dtype(*args):
+    """numpy.dtype, for the number types only: no object arrays."""
+    dtype = np.dtype(*args)
+    if dtype.kind not in "biuf":
+        raise pickle.UnpicklingError(f"dtype {dtype} is no part of the CIFAR-10 format")
+    return dtype
+
+
+def _latin1_bytes(text, encoding):
+    """How a protocol-2 pickle written by Python 3 stores bytes: codecs.encode(text, 'latin1')."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError("only latin-1 text can be turned into bytes")
+    return text.encode("latin1")
+
+
+_RECONSTRUCT = np.ndarray.__reduce__(np.empty(0))[0]  # numpy's own array rebuilder
+_SCALAR = np.uint8(0).__reduce__()[0]  # ... and scalar rebuilder
+
+# Everything a CIFAR-10 batch refers to by name, under the module names numpy 1 (numpy.core)
+# and numpy 2 (numpy._core) write.  Dicts, lists, strings and numbers need no name.
+_CIFAR10_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _numeric_dtype,
+    ("_codecs", "encode"): _latin1_bytes,
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): _RECONSTRUCT for core in ("core", "_core")},
+    **{(f"numpy.{core}.multiarray", "scalar"): _SCALAR for core in ("core", "_core")},
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what CIFAR-10's batches hold — numpy arrays of numbers, dicts, lists,
+    strings, bytes and numbers — and refuses every other global (``os.system``,
+    ``builtins.eval``, …), so even an archive with the right checksum cannot run code."""
+
+    def find_class(self, module, name):
+        admitted = _CIFAR10_GLOBALS.get((module, name))
+        if admitted is None:
+            raise pickle.UnpicklingError(
+                f"it refers to {module}.{name}, which is no part of the CIFAR-10 format"
+            )
+        return admitted
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent id, which CIFAR-10 never does")
+
+
+def _unpickle_cifar10(stream):
+    return _CifarUnpickler(stream, encoding="latin1").load()
+
+
+def _read_cifar10_archive(file: _Verified) -> dict:
     """The pickled batches inside ``cifar-10-python.tar.gz``, by file name.
 
     Members are read in archive order so the gzip stream is decompressed only once.
-    Unpickling is safe here because the archive has passed its checksum.
+    The archive has passed its checksum, and the restricted unpickler admits nothing but
+    the format's arrays, lists, strings and numbers.
     """
     wanted = set(_CIFAR10_TRAIN_BATCHES) | {"test_batch", "batches.meta"}
     batches = {}
     try:
-        with tarfile.open(path, "r:gz") as archive:
+        with tarfile.open(fileobj=io.BytesIO(file.content), mode="r:gz") as archive:
             for member in archive:
                 basename = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and basename in wanted:
-                    batches[basename] = pickle.load(archive.extractfile(member), encoding="latin1")
-    except (OSError, EOFError, tarfile.TarError, pickle.UnpicklingError) as error:
-        raise _unreadable(path, "a CIFAR-10 archive", error) from None
+                    batches[basename] = _unpickle_cifar10(archive.extractfile(member))
+    except (OSError, EOFError, zlib.error, tarfile.TarError, pickle.UnpicklingError,
+            ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error) as error:
+        raise _unreadable(file.path, "a CIFAR-10 archive", error) from None
     missing = wanted - set(batches)
     if missing:
-        raise _unreadable(path, "a CIFAR-10 archive", f"no {', '.join(sorted(missing))}")
+        raise _unreadable(file.path, "a CIFAR-10 archive", f"no {', '.join(sorted(missing))}")
+    _check_cifar10_batches(file.path, batches)
     return batches
+
+
+def _check_cifar10_batches(path: pathlib.Path, batches: dict) -> None:
+    """Each batch a dict of 'data' (n, 3072) and n 'labels'; the meta a list of label names."""
+    for name in (*_CIFAR10_TRAIN_BATCHES, "test_batch"):
+        batch = batches[name]
+        if not (
+            isinstance(batch, dict)
+            and isinstance(batch.get("data"), np.ndarray)
+            and batch["data"].ndim == 2
+            and batch["data"].shape[1] == 3072
+            and isinstance(batch.get("labels"), list)
+            and len(batch["labels"]) == len(batch["data"])
+            and all(isinstance(label, int) for label in batch["labels"])
+        ):
+            raise _unreadable(path, "a CIFAR-10 archive", f"{name} is not a batch of images")
+    names = batches["batches.meta"].get("label_names") if isinstance(
+        batches["batches.meta"], dict) else None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise _unreadable(path, "a CIFAR-10 archive", "batches.meta holds no label names")
 
 
 def _cifar10_images(batches: list, dtype):
@@ -599,12 +761,13 @@ def _entry(name: str) -> _Entry:
 
 
 def available(name: str, root=None) -> bool:
-    """Whether ``load(name, root)`` works now without a network connection."""
+    """Whether ``load(name, root)`` works now without a network connection (for a
+    download-backed set this hashes its files, as every load does)."""
     entry = _entry(name)
     if entry.package is not None:
         return importlib.util.find_spec(entry.package) is not None
-    paths = [(_dataset_dir(name, root) / f.filename, f.md5) for f in REMOTE_FILES[name]]
-    return all(path.is_file() and _is_verified(path, md5) for path, md5 in paths)
+    directory = _dataset_dir(name, root)
+    return all(_has_checksum(directory / f.filename, f.md5) for f in REMOTE_FILES[name])
 
 
 def list_datasets(root=None) -> list:
@@ -681,16 +844,17 @@ def _assemble(name: str, split: _Split, dtype: np.dtype) -> Dataset:
 def load(name: str, root=None, dtype="float32", download: bool = False) -> Dataset:
     """Load the data set ``name`` as normalised ``dtype`` images in NCHW layout.
 
-    Download-backed sets read their files from ``cache_dir(root)/<name>/``, checked
-    against their published checksums; ``download=True`` fetches missing files first.
-    Without it a missing file is an error that says how to obtain it.
+    Download-backed sets read their files from ``cache_dir(root)/<name>/`` and check the
+    bytes they read against the published checksums, on every load, before parsing them;
+    ``download=True`` fetches missing or wrong files first.  Without it a missing file is
+    an error that says how to obtain it.
     """
     entry = _entry(name)
     dtype = _float_dtype(dtype)
     if entry.package is not None:
         files = {}
-    elif download:
-        files = _download_missing(name, root)
     else:
+        if download:
+            _download_missing(name, root)
         files = _verified_files(name, root)
     return _assemble(name, entry.read(files, dtype), dtype)

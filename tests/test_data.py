@@ -10,9 +10,11 @@ import bz2
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
 import struct
+import subprocess
 import sys
 import tarfile
 import urllib.error
@@ -378,19 +380,19 @@ def test_truncated_file_is_rejected(published):
     assert not data.available(published.name, published.root)
 
 
-def test_verification_is_remembered_until_the_file_changes(published, monkeypatch):
+def test_every_load_hashes_the_bytes_it_parses(published):
+    """A file changed in place — same size, same modification time — is refused on the next
+    load: no marker or fingerprint stands in for the checksum."""
     published.place_in_cache()
-    data.load(published.name, published.root)  # hashes every file once
-
-    def refuse_to_hash(path):
-        raise AssertionError(f"{path} was hashed again")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(data, "_md5_of", refuse_to_hash)
-        data.load(published.name, published.root)
-
+    data.load(published.name, published.root)
     victim = published.directory / data.REMOTE_FILES[published.name][0].filename
-    victim.write_bytes(victim.read_bytes()[:-1])  # a new size means hashing again
+    before = victim.stat()
+    content = bytearray(victim.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    victim.write_bytes(bytes(content))
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert victim.stat().st_size == before.st_size
+    assert victim.stat().st_mtime_ns == before.st_mtime_ns
     with pytest.raises(DataError, match="truncated or corrupt"):
         data.load(published.name, published.root)
 
@@ -421,7 +423,7 @@ def test_download_offline_says_where_to_place_the_files(published, monkeypatch):
     assert str(published.directory) in message and "verify" in message
     for remote in data.REMOTE_FILES[published.name]:
         assert remote.filename in message
-    assert not [p for p in published.directory.iterdir() if not p.name.endswith(".verified")]
+    assert not list(published.directory.iterdir())
 
 
 def test_load_downloads_only_when_asked(published, monkeypatch):
@@ -469,3 +471,329 @@ def test_real_checksums_are_the_published_ones():
     assert md5["usps.bz2"] == "ec16c51db3855ca6c91edd34d0e9b197"
     assert md5["train_32x32.mat"] == "e26dedcc434d2e4c54c9b2d4a06d8373"
     assert md5["cifar-10-python.tar.gz"] == "c58f30108f718f92721af3b95e74349a"
+
+
+def one_sentence(message):
+    return message.endswith(".") and message.count(". ") == 0 and "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------
+# CIFAR-10's pickles: nothing unverified is parsed, and nothing but data is unpickled
+# ---------------------------------------------------------------------------------------
+
+
+class RunsCode:
+    """A pickle that calls ``function(*arguments)`` when it is loaded."""
+
+    def __init__(self, function, *arguments):
+        self.call = (function, arguments)
+
+    def __reduce__(self):
+        return self.call
+
+
+def write_cifar10_archive(path, batches):
+    """A tar.gz of CIFAR-10 members; ``batches`` maps member names to pickled bytes."""
+    with tarfile.open(path, "w:gz") as archive:
+        for member_name, body in batches.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{member_name}")
+            info.size = len(body)
+            archive.addfile(info, io.BytesIO(body))
+
+
+def cifar10_with(published_cifar10, member, body):
+    """The published CIFAR-10 files with one member's pickled bytes replaced."""
+    with tarfile.open(fileobj=io.BytesIO(published_cifar10.contents["cifar-10-python.tar.gz"])) as tar:
+        batches = {m.name.rsplit("/", 1)[-1]: tar.extractfile(m).read() for m in tar if m.isfile()}
+    batches[member] = body
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for member_name, content in batches.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{member_name}")
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def published_cifar10(tmp_path, monkeypatch):
+    return publish("cifar10", tmp_path, monkeypatch, seed=2)
+
+
+def test_a_planted_archive_with_a_forged_marker_is_refused_unread(published_cifar10, tmp_path):
+    """An attacker who can write to the cache plants an archive that runs code, and beside it
+    the `.verified` marker older versions trusted: the checksum still refuses it, unread."""
+    sentinel = tmp_path / "code-ran"
+    planted = cifar10_with(published_cifar10, "data_batch_1",
+                           pickle.dumps(RunsCode(os.mkdir, str(sentinel)), protocol=2))
+    directory = published_cifar10.directory
+    directory.mkdir(parents=True)
+    path = directory / "cifar-10-python.tar.gz"
+    path.write_bytes(planted)
+    published_md5 = data.REMOTE_FILES["cifar10"][0].md5
+    stat = path.stat()
+    marker = {"md5": published_md5, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    (directory / "cifar-10-python.tar.gz.verified").write_text(json.dumps(marker))
+    with pytest.raises(DataError, match="does not match its published checksum") as raised:
+        data.load("cifar10", published_cifar10.root)
+    assert one_sentence(str(raised.value)) and str(path) in str(raised.value)
+    assert not data.available("cifar10", published_cifar10.root)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("payload", ["os.mkdir", "os.system", "builtins.eval", "builtins.exec"])
+def test_a_verified_archive_still_cannot_run_code(published_cifar10, monkeypatch, tmp_path, payload):
+    """Even bytes with the right checksum (here: the checksum of the hostile archive) are
+    unpickled by an unpickler that admits only the format's data."""
+    sentinel = tmp_path / "code-ran"
+    calls = {
+        "os.mkdir": RunsCode(os.mkdir, str(sentinel)),
+        "os.system": RunsCode(os.system, f"mkdir {sentinel}"),
+        "builtins.eval": RunsCode(eval, f"__import__('os').mkdir({str(sentinel)!r})"),
+        "builtins.exec": RunsCode(exec, f"import os; os.mkdir({str(sentinel)!r})"),
+    }
+    hostile = cifar10_with(published_cifar10, "test_batch", pickle.dumps(calls[payload], protocol=2))
+    published_cifar10.contents["cifar-10-python.tar.gz"] = hostile
+    monkeypatch.setitem(data.REMOTE_FILES, "cifar10", (
+        replace(data.REMOTE_FILES["cifar10"][0], md5=hashlib.md5(hostile).hexdigest()),))
+    published_cifar10.place_in_cache()
+    with pytest.raises(DataError, match="no part of the CIFAR-10 format") as raised:
+        data.load("cifar10", published_cifar10.root)
+    assert one_sentence(str(raised.value))
+    assert not sentinel.exists()
+
+
+def test_the_restricted_unpickler_refuses_object_arrays_and_persistent_ids():
+    with pytest.raises(pickle.UnpicklingError, match="dtype object is no part of the CIFAR-10 format"):
+        data._unpickle_cifar10(io.BytesIO(pickle.dumps(np.array([1, "x"], dtype=object), 2)))
+
+    class Persistent(pickle.Pickler):
+        def persistent_id(self, obj):
+            return "outside" if obj == "x" else None
+
+    buffer = io.BytesIO()
+    Persistent(buffer, protocol=2).dump({"data": "x"})
+    with pytest.raises(pickle.UnpicklingError, match="persistent id"):
+        data._unpickle_cifar10(io.BytesIO(buffer.getvalue()))
+
+
+def python2_pickle(obj):
+    """Pickle ``obj`` (dicts, lists, ints, str, 2-D uint8 arrays) as Python 2 with numpy 1
+    wrote CIFAR-10: protocol 2, byte strings as BINSTRING, numpy.core.multiarray names."""
+
+    def string(text):
+        raw = text if isinstance(text, bytes) else text.encode("latin1")
+        return b"T" + struct.pack("<i", len(raw)) + raw
+
+    def integer(value):
+        return b"J" + struct.pack("<i", value)
+
+    if isinstance(obj, dict):
+        items = b"".join(python2_pickle(k) + python2_pickle(v) for k, v in obj.items())
+        return b"}(" + items + b"u"
+    if isinstance(obj, list):
+        return b"](" + b"".join(python2_pickle(v) for v in obj) + b"e"
+    if isinstance(obj, str):
+        return string(obj)
+    if isinstance(obj, int):
+        return integer(obj)
+    assert isinstance(obj, np.ndarray) and obj.dtype == np.uint8 and obj.ndim == 2
+    dtype = (b"cnumpy\ndtype\n" + string("u1") + integer(0) + integer(1) + b"\x87R"
+             + b"(" + integer(3) + string("|") + b"NNN" + integer(-1) + integer(-1)
+             + integer(0) + b"tb")
+    state = (b"(" + integer(1) + integer(obj.shape[0]) + integer(obj.shape[1]) + b"\x86"
+             + dtype + b"\x89" + string(obj.tobytes()) + b"t")
+    return (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n"
+            + integer(0) + b"\x85" + string("b") + b"\x87R" + state + b"b")
+
+
+def test_cifar10_as_python2_wrote_it_still_loads(tmp_path, monkeypatch):
+    """The real archive was pickled by Python 2 and numpy 1: numpy.core names, str data."""
+    rng = np.random.default_rng(5)
+    batches, rows = {}, {}
+    meta = {"label_names": list(CIFAR10_CLASSES), "num_cases_per_batch": 4, "num_vis": 3072}
+    batches["batches.meta"] = b"\x80\x02" + python2_pickle(meta) + b"."
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        rows[name] = rng.integers(0, 256, size=(4, 3072), dtype=np.uint8)
+        batch = {"batch_label": name, "data": rows[name], "labels": [1, 0, 9, 3],
+                 "filenames": ["a.png", "b.png", "c.png", "d.png"]}
+        batches[name] = b"\x80\x02" + python2_pickle(batch) + b"."
+    directory = tmp_path / "cifar10"
+    directory.mkdir()
+    write_cifar10_archive(directory / "cifar-10-python.tar.gz", batches)
+    content = (directory / "cifar-10-python.tar.gz").read_bytes()
+    monkeypatch.setitem(data.REMOTE_FILES, "cifar10", (
+        replace(data.REMOTE_FILES["cifar10"][0], md5=hashlib.md5(content).hexdigest()),))
+    dataset = data.load("cifar10", tmp_path, dtype="float64")
+    assert dataset.classes == CIFAR10_CLASSES
+    np.testing.assert_array_equal(dataset.y_test, [1, 0, 9, 3])
+    pixels = data.denormalise(dataset.x_test, dataset.mean, dataset.std)
+    np.testing.assert_allclose(pixels, rows["test_batch"].reshape(-1, 3, 32, 32) / 255, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------
+# A hostile cache: each problem is one sentence naming the fix, never a traceback
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_data_folder_that_is_a_file_is_named(tmp_path, monkeypatch):
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    for root in (a_file, a_file / "below"):
+        monkeypatch.setenv("DDREF_DATA", str(root))
+        for call in (lambda: data.load("mnist"), lambda: data.download("mnist"),
+                     lambda: data.load("mnist", download=True)):
+            with pytest.raises(DataError, match=r"is a file, not a folder.*\$DDREF_DATA") as raised:
+                call()
+            assert one_sentence(str(raised.value)) and str(a_file) in str(raised.value)
+        assert not data.available("mnist")
+        assert {row["available"] for row in data.list_datasets() if row["name"] == "mnist"} == {False}
+
+
+def test_a_folder_that_cannot_be_created_or_written_is_named(published_mnist, monkeypatch):
+    serve(monkeypatch, published_mnist.urls())
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data.pathlib.Path, "mkdir", refuse)
+        with pytest.raises(DataError, match=r"cannot create the folder .*Permission denied.*"
+                                            r"\$DDREF_DATA at a folder you can write to") as raised:
+            data.download("mnist", published_mnist.root)
+        assert one_sentence(str(raised.value))
+    with monkeypatch.context() as patch:
+        patch.setattr(data.tempfile, "mkstemp", refuse)
+        with pytest.raises(DataError, match=r"cannot write in .*Permission denied") as raised:
+            data.download("mnist", published_mnist.root)
+        assert one_sentence(str(raised.value))
+    assert not published_mnist.directory.exists() or not list(published_mnist.directory.iterdir())
+
+
+def test_a_full_disk_is_named_and_leaves_nothing_behind(published_mnist, monkeypatch):
+    serve(monkeypatch, published_mnist.urls())
+    real_fdopen = os.fdopen
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self, descriptor):
+            self.file = real_fdopen(descriptor, "wb")
+
+        def writable(self):
+            return True
+
+        def write(self, chunk):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.file.close()
+            super().close()
+
+    monkeypatch.setattr(data.os, "fdopen", lambda descriptor, mode: FullDisk(descriptor))
+    with pytest.raises(DataError, match="No space left on device.*free some disk space") as raised:
+        data.download("mnist", published_mnist.root)
+    assert one_sentence(str(raised.value))
+    assert list(published_mnist.directory.iterdir()) == []
+
+
+def test_a_folder_in_place_of_a_file_is_named(published_mnist, monkeypatch):
+    published_mnist.place_in_cache()
+    victim = published_mnist.directory / "t10k-images-idx3-ubyte.gz"
+    victim.unlink()
+    victim.mkdir()
+    serve(monkeypatch, published_mnist.urls())
+    for call in (lambda: data.load("mnist", published_mnist.root),
+                 lambda: data.download("mnist", published_mnist.root)):
+        with pytest.raises(DataError, match="is a folder where ddref expects the file") as raised:
+            call()
+        assert one_sentence(str(raised.value)) and str(victim) in str(raised.value)
+    assert victim.is_dir()  # the user's folder is left alone
+
+
+def test_an_unreadable_file_is_named(published_mnist, monkeypatch):
+    published_mnist.place_in_cache()
+    victim = published_mnist.directory / "train-labels-idx1-ubyte.gz"
+    real_read_bytes = data.pathlib.Path.read_bytes
+
+    def read_bytes(path):
+        if path == victim:
+            raise PermissionError(13, "Permission denied")
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(data.pathlib.Path, "read_bytes", read_bytes)
+    with pytest.raises(DataError, match=r"cannot read .*Permission denied.*make it readable") as raised:
+        data.load("mnist", published_mnist.root)
+    assert one_sentence(str(raised.value)) and str(victim) in str(raised.value)
+
+
+def test_a_dangling_link_counts_as_missing_and_is_replaced(published_mnist, monkeypatch):
+    published_mnist.place_in_cache()
+    victim = published_mnist.directory / "train-images-idx3-ubyte.gz"
+    victim.unlink()
+    victim.symlink_to(published_mnist.directory / "nowhere")
+    with pytest.raises(DataError, match="mnist needs train-images-idx3-ubyte.gz"):
+        data.load("mnist", published_mnist.root)
+    serve(monkeypatch, published_mnist.urls())
+    data.download("mnist", published_mnist.root)
+    assert victim.read_bytes() == published_mnist.contents[victim.name] and not victim.is_symlink()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x1f\x8b\x08\x00garbage", bytes(range(256)) * 8],
+                         ids=["empty", "bad-gzip", "random"])
+def test_garbage_with_a_matching_checksum_is_named(published, monkeypatch, content):
+    """Should a checksum ever match garbage (the tests swap in the garbage's own checksum),
+    every reader still answers with one sentence, not a traceback."""
+    monkeypatch.setitem(data.REMOTE_FILES, published.name, tuple(
+        replace(r, md5=hashlib.md5(content).hexdigest()) for r in data.REMOTE_FILES[published.name]))
+    published.directory.mkdir(parents=True)
+    for remote in data.REMOTE_FILES[published.name]:
+        (published.directory / remote.filename).write_bytes(content)
+    with pytest.raises(DataError, match="delete") as raised:
+        data.load(published.name, published.root)
+    assert one_sentence(str(raised.value))
+
+
+def test_empty_files_are_refused_as_corrupt(published):
+    published.place_in_cache()
+    victim = published.directory / data.REMOTE_FILES[published.name][-1].filename
+    victim.write_bytes(b"")
+    with pytest.raises(DataError, match="truncated or corrupt") as raised:
+        data.load(published.name, published.root)
+    assert one_sentence(str(raised.value))
+
+
+def test_unknown_data_set_names_are_refused_everywhere(tmp_path):
+    for call in (data.load, data.download, data.available):
+        with pytest.raises(DataError, match="unknown data set 'imagenet': choose one of digits"):
+            call("imagenet", tmp_path)
+
+
+@pytest.mark.parametrize("command", [["download", "mnist"], ["distill", "--dataset", "mnist"]])
+def test_the_command_line_names_a_data_folder_that_is_a_file(tmp_path, command):
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    env = dict(os.environ, DDREF_DATA=str(a_file))
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repository, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "ddref", *command], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("ddref: error: ") and "is a file, not a folder" in done.stderr
+    assert one_sentence(done.stderr.strip())
+
+
+def test_a_folder_that_cannot_be_looked_into_is_named(published_mnist, monkeypatch):
+    published_mnist.place_in_cache()
+    real_stat = data.pathlib.Path.stat
+
+    def stat(path, **kwargs):
+        if published_mnist.directory in (path, *path.parents):   # the folder and all below it
+            raise PermissionError(13, "Permission denied")
+        return real_stat(path, **kwargs)
+
+    monkeypatch.setattr(data.pathlib.Path, "stat", stat)
+    for call in (lambda: data.load("mnist", published_mnist.root),
+                 lambda: data.download("mnist", published_mnist.root)):
+        with pytest.raises(DataError, match=r"cannot look at .*Permission denied") as raised:
+            call()
+        assert one_sentence(str(raised.value))
+    assert not data.available("mnist", published_mnist.root)

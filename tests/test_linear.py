@@ -466,6 +466,8 @@ def test_mismatched_shapes_are_refused_with_one_sentence():
         (lambda: linear.max_error_on_sphere(np.eye(3), np.zeros(3), -1.0), "non-negative"),
         (lambda: linear.max_error_on_sphere(np.eye(3), np.zeros(2), 1.0), "square and match"),
         (lambda: linear.unit_eigenvalues(theta, 0.1), r"\(M, D\)"),
+        (lambda: linear.expected_one_step_loss(d, t, d[:3, :2], t[:3], 0.1), "must match the features"),
+        (lambda: linear.one_step_loss_floor(d, t, 0), "positive integer"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message) as info:
@@ -494,6 +496,13 @@ def test_learned_error_curve_shows_the_transition_at_m_equals_d():
 
 
 # --- the general Algorithm 1 machinery tells the same story -------------------------
+#
+# distill_with_algorithm1 learns d̃ and η̃ (labels fixed) with ddref.hypergrad on the
+# expected real loss over θ0 ~ N(0, I).  What the theory predicts for what it learns:
+#   M ≥ D: A = I − (η̃/M) d̃ᵀd̃ = 0 and b = 0, so one step lands on θ* from every θ0;
+#   M < D: A = I on null(d̃) whatever d̃; the best is A = the orthogonal projector onto
+#          null(d̃) (eigenvalues 0 × M, 1 × (D − M)) with the offset as good as its row
+#          space allows, and the loss stays above ½ Σ of the D − M smallest eigenvalues of dᵀd/N.
 
 
 def _regression_problem(dim, seed):
@@ -503,28 +512,161 @@ def _regression_problem(dim, seed):
     return rng, d, d @ theta_star, theta_star
 
 
-@pytest.mark.parametrize("dim,seed", [(3, 0), (4, 1), (5, 3)])
-def test_algorithm1_finds_a_scaled_orthonormal_design_when_m_equals_d(dim, seed):
+def _residual_map(d_distilled, lr):
+    n_distilled, dim = d_distilled.shape
+    return np.eye(dim) - lr / n_distilled * d_distilled.T @ d_distilled
+
+
+def _best_real_loss_for_row_space(d, t, d_distilled):
+    """The least expected real loss of any one step whose d̃ has the row space R of
+    ``d_distilled``: A = the projector P_N onto null(d̃), and the offset c ∈ R fitted by
+    least squares on the real data."""
+    _, singular_values, right_t = np.linalg.svd(d_distilled)
+    row_space = right_t[: np.sum(singular_values > 1e-10)].T   # (D, M)
+    null_projector = np.eye(d.shape[1]) - row_space @ row_space.T
+    coefficients, *_ = np.linalg.lstsq(d @ row_space, t, rcond=None)
+    fit = np.sum((d @ row_space @ coefficients - t) ** 2)
+    return (np.trace(null_projector @ d.T @ d @ null_projector) + fit) / (2 * len(d))
+
+
+def _is_exact_design(d_distilled, t_distilled, lr, theta_star, tolerance=1e-8):
+    residual_ok = np.linalg.norm(_residual_map(d_distilled, lr), 2) < tolerance
+    check = linear.check_distilled(d_distilled, t_distilled, lr, theta_star, radius=10.0)
+    return residual_ok and check.worst_case_error < 10 * tolerance
+
+
+def _is_best_projector(d, t, d_distilled, t_distilled, lr, tolerance=1e-8):
+    n_distilled, dim = d_distilled.shape
+    eigenvalues = np.linalg.eigvalsh(_residual_map(d_distilled, lr))
+    expected = np.r_[np.zeros(min(n_distilled, dim)), np.ones(max(dim - n_distilled, 0))]
+    loss = linear.expected_one_step_loss(d, t, d_distilled, t_distilled, lr)
+    best = _best_real_loss_for_row_space(d, t, d_distilled)
+    return np.max(np.abs(eigenvalues - expected)) < tolerance and abs(loss - best) < tolerance * best
+
+
+@pytest.mark.parametrize("n_outputs", [None, 2])
+def test_expected_one_step_loss_is_the_cubature_mean(n_outputs):
+    """E_{θ0 ~ N(0, I)} ℓ(θ1) in closed form against the exact cubature over θ0 ∈ {±√(DK) e_i}
+    (θ1 is affine in θ0 and ℓ quadratic, so the mean over those points is the expectation)."""
+    rng = np.random.default_rng(21)
+    d, t, _ = random_problem(rng, 30, 4, n_outputs)
+    d_distilled, t_distilled, lr = random_distilled(rng, 3, 4, n_outputs)
+    theta_shape = (4,) if n_outputs is None else (4, n_outputs)
+    size = int(np.prod(theta_shape))
+    points = [sign * np.sqrt(size) * np.eye(size)[i].reshape(theta_shape)
+              for i in range(size) for sign in (1, -1)]
+    cubature = np.mean([linear.loss(linear.gradient_step(p, d_distilled, t_distilled, lr), d, t)
+                        for p in points])
+    assert linear.expected_one_step_loss(d, t, d_distilled, t_distilled, lr) == pytest.approx(cubature, rel=1e-12)
+
+
+@pytest.mark.parametrize("n_distilled", [1, 3, 5, 7])
+def test_no_one_step_design_beats_the_floor_and_the_construction_meets_it_for_m_at_least_d(n_distilled):
+    rng = np.random.default_rng(22)
+    dim = 5
+    d, t, theta_star = random_problem(rng, 40, dim)
+    floor = linear.one_step_loss_floor(d, t, n_distilled)
+    least_squares = linear.loss(theta_star, d, t)
+    for _ in range(200):
+        d_distilled, t_distilled, lr = random_distilled(rng, n_distilled, dim)
+        assert linear.expected_one_step_loss(d, t, d_distilled, t_distilled, lr) >= floor
+    d_distilled, t_distilled = linear.construct_distilled(theta_star, n_distilled, 0.3, rng)
+    constructed = linear.expected_one_step_loss(d, t, d_distilled, t_distilled, 0.3)
+    if n_distilled >= dim:
+        assert floor == pytest.approx(least_squares, rel=1e-12)
+        assert constructed == pytest.approx(floor, rel=1e-9)
+    else:
+        assert floor > least_squares and constructed >= floor
+
+
+@pytest.mark.parametrize("dim, n_distilled, seed", [(3, 3, 0), (5, 5, 3), (4, 6, 3)])
+def test_algorithm1_reaches_the_exact_one_step_design_when_m_at_least_d(dim, n_distilled, seed):
     rng, d, t, theta_star = _regression_problem(dim, seed)
-    result = linear.distill_with_algorithm1(d, t, dim, rng, iterations=300)
-    # d̃ᵀd̃ → (M/η̃)·I: the residual map I − (η̃/M) d̃ᵀd̃ shrinks from ≈ 1 (at the start,
-    # η̃ = 0.02) towards 0 — with fixed labels slowly: after 300 iterations below 0.3
-    assert result.residual_norm() < 0.3
-    assert np.mean(result.losses[-20:]) < 0.1 * np.mean(result.losses[:20])
+    result = linear.distill_with_algorithm1(d, t, n_distilled, rng)
+    # d̃ᵀd̃ = (M/η̃)·I to rounding: every scaled singular value is 1, A = 0 ...
+    assert result.residual_norm() < 1e-8
+    np.testing.assert_allclose(result.scaled_singular_values(), 1.0, atol=1e-8)
+    # ... and the fixed labels are met (b = 0): one step from any θ0 at distance 10 lands on θ*
+    assert _is_exact_design(result.d_distilled, result.t_distilled, result.lr, theta_star)
+    far_away = theta_star + 1e3 * rng.standard_normal(theta_star.shape)
+    theta1 = linear.gradient_step(far_away, result.d_distilled, result.t_distilled, result.lr)
+    np.testing.assert_allclose(theta1, theta_star, atol=1e-6)
+    # the outer loss, E ℓ(θ1) on the real data, falls to rounding level
+    assert result.losses[-1] < 1e-20 * result.losses[0]
 
 
-def test_algorithm1_with_more_points_than_features_also_heads_for_the_optimum():
-    rng, d, t, theta_star = _regression_problem(4, seed=3)
-    result = linear.distill_with_algorithm1(d, t, 6, rng, iterations=300)
-    assert result.residual_norm() < 0.5
-    assert np.mean(result.losses[-20:]) < 0.1 * np.mean(result.losses[:20])
+@pytest.mark.parametrize("dim, n_distilled, seed", [(6, 3, 1), (5, 2, 0)])
+def test_algorithm1_below_m_equals_d_corrects_m_directions_and_leaves_the_rest(dim, n_distilled, seed):
+    rng, d, t, theta_star = _regression_problem(dim, seed)
+    result = linear.distill_with_algorithm1(d, t, n_distilled, rng)
+    d_distilled, t_distilled, lr = result.d_distilled, result.t_distilled, result.lr
+    # A is the orthogonal projector onto null(d̃): M scaled singular values exactly 1 ...
+    np.testing.assert_allclose(result.scaled_singular_values(), 1.0, atol=1e-8)
+    assert _is_best_projector(d, t, d_distilled, t_distilled, lr)
+    # ... and D − M directions are never corrected: the failure the theory predicts
+    count, _ = linear.unit_eigenvalues(d_distilled, lr)
+    assert count == dim - n_distilled
+    loss = linear.expected_one_step_loss(d, t, d_distilled, t_distilled, lr)
+    assert loss == pytest.approx(result.losses[-1], rel=1e-8)   # the closed form is what it minimised
+    assert loss >= linear.one_step_loss_floor(d, t, n_distilled) > 0.3 * (dim - n_distilled)
+    worst, _ = linear.worst_case_error(d_distilled, t_distilled, lr, theta_star, radius=2.0)
+    assert worst >= 2.0 * (1 - 1e-12)
 
 
-def test_algorithm1_cannot_beat_the_floor_when_m_below_d():
-    dim, n_distilled = 6, 3
-    rng, d, t, theta_star = _regression_problem(dim, seed=1)
-    result = linear.distill_with_algorithm1(d, t, n_distilled, rng, iterations=150)
-    # the null space of d̃ keeps eigenvalue 1, and the closed form's floor D − M holds
-    assert result.residual_norm() >= 1 - 1e-9
-    after = linear.expected_error(result.d_distilled, result.t_distilled, result.lr, theta_star)
-    assert after >= (dim - n_distilled) * (1 - 1e-9)
+def test_the_algorithm1_checks_reject_an_arbitrary_design():
+    """The two checks above have teeth: a d̃ that was not learned fails them."""
+    for dim, n_distilled in [(3, 3), (4, 6), (6, 3)]:
+        rng, d, t, theta_star = _regression_problem(dim, seed=4)
+        d_garbage = rng.standard_normal((n_distilled, dim))
+        t_garbage = rng.standard_normal((n_distilled, 1))
+        lr = n_distilled / np.linalg.norm(d_garbage, 2) ** 2   # even with the best-scaled η̃
+        assert not _is_exact_design(d_garbage, t_garbage, lr, theta_star)
+        assert not _is_best_projector(d, t, d_garbage, t_garbage, lr)
+
+
+def test_algorithm1_with_random_initialisations_also_reaches_the_exact_design():
+    """With θ0 drawn afresh (4 per iteration) the meta-gradient is noisy, but at the exact
+    design every θ0 lands on θ*, so the noise vanishes there and Adam still gets close."""
+    rng, d, t, theta_star = _regression_problem(4, seed=1)
+    result = linear.distill_with_algorithm1(d, t, 4, rng, inits="random", n_nets=4)
+    assert result.residual_norm() < 1e-5
+    assert _is_exact_design(result.d_distilled, result.t_distilled, result.lr, theta_star, 1e-5)
+
+
+@pytest.mark.parametrize("inits", ["cubature", "random"])
+def test_algorithm1_runs_on_a_device_backend(inits):
+    """Every array goes through ddref.backend: on the strict fake device (which refuses host
+    arrays mixed into device ones) the result is the numpy one, bit for bit."""
+    from ddref import _cupy, backend
+    try:
+        from fake_device import FakeArray, fake_xp
+    except ImportError:  # tests/ imported as a package
+        from tests.fake_device import FakeArray, fake_xp
+
+    rng, d, t, _ = _regression_problem(3, seed=0)
+    on_host = linear.distill_with_algorithm1(d, t, 3, rng, iterations=10, inits=inits)
+    _cupy.install(fake_xp, FakeArray)
+    rng, d, t, _ = _regression_problem(3, seed=0)
+    with backend._using_namespace("fake", fake_xp):
+        on_device = linear.distill_with_algorithm1(d, t, 3, rng, iterations=10, inits=inits)
+    assert type(on_device.d_distilled) is np.ndarray and isinstance(on_device.lr, float)
+    np.testing.assert_array_equal(on_device.d_distilled, on_host.d_distilled)
+    assert on_device.lr == on_host.lr and on_device.losses == on_host.losses
+
+
+def test_algorithm1_options_are_checked_with_one_sentence():
+    rng, d, t, _ = _regression_problem(3, seed=0)
+    cases = [
+        (dict(n_distilled=0), "n_distilled must be a positive integer"),
+        (dict(iterations=2.5), "iterations must be a positive integer"),
+        (dict(inits="sobol"), "inits must be 'cubature' or 'random'"),
+        (dict(n_nets=-1), "n_nets must be a positive integer"),
+        (dict(initial_lr=0.0), "initial_lr must be a finite positive number"),
+        (dict(step_size=np.inf), "step_size must be a finite positive number"),
+        (dict(engine="exact"), "engine must be one of naive, backgrad"),
+    ]
+    for options, message in cases:
+        arguments = dict(n_distilled=3) | options
+        with pytest.raises(ValueError, match=message) as info:
+            linear.distill_with_algorithm1(d, t, rng=rng, **arguments)
+        assert str(info.value).count(". ") == 0 and str(info.value).endswith(".")
