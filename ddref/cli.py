@@ -378,7 +378,9 @@ def cmd_datasets(args):
         shape = "×".join(str(s) for s in row["image_shape"])
         print(f"{row['name']:10s} {shape:>10s} {row['num_classes']:>7d} {row['n_train']:>7d} "
               f"{row['n_test']:>7d}  {'yes' if row['available'] else 'no':9s}  {row['how']}")
-    print(f"cache directory: {data.cache_dir()} (set DDREF_DATA to move it)")
+    cache = data.cache_dir()
+    problem = " — it is a file, not a folder: downloads cannot go there" if cache.is_file() else ""
+    print(f"cache directory: {cache}{problem} (set DDREF_DATA to move it)")
     return 0
 
 
