@@ -36,7 +36,9 @@ CONFIG_HELP = {
     "decay_every": "iterations between outer learning-rate decays (0: never)",
     "batch_size": "real images per outer iteration",
     "iterations": "outer iterations",
-    "engine": "meta-gradient: backgrad (stored θ_t + Hessian-vector products) or naive (autograd through the unroll)",
+    "engine": "meta-gradient: backgrad (stored θ_t + Hessian-vector products), naive (autograd through the unroll), "
+              "checkpoint (θ stored every √T steps, segments recomputed) or reverse (training run backwards "
+              "exactly; needs --momentum > 0; memory independent of T)",
     "objective": "classify, or attack: make --source-class be read as --target-class",
     "source_class": "attack: the class K to be misread",
     "target_class": "attack: the class T it should be read as",
@@ -47,6 +49,8 @@ CONFIG_HELP = {
     "eval_every": "iterations between test-accuracy points on the curve (0: end only)",
     "eval_inits": "random init: held-out initialisations for the final accuracy",
     "checkpoint_every": "iterations between checkpoints",
+    "momentum": "inner-loop momentum β: v ← βv − η̃g, θ ← θ + v (0: plain gradient descent; 0.9 usual)",
+    "truncate": "meta-gradient through the last K inner steps only (0: all steps; biased)",
 }
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 import ddref
-from ddref import backend, data, hypergrad, nn
+from ddref import backend, data, hypergrad, nn, reversible
 from ddref.evaluate import Accuracy, Adam, evaluate_distilled, held_out_inits
 from ddref.losses import attack_targets, one_hot
 from ddref.unroll import inverse_softplus, softplus
@@ -60,7 +60,7 @@ class DistillConfig:
     decay_every: int = 400           # ... every this many iterations (0: never)
     batch_size: int = 512            # real images per outer iteration
     iterations: int = 1000
-    engine: str = "backgrad"         # 'naive' | 'backgrad'
+    engine: str = "backgrad"         # 'naive' | 'backgrad' | 'checkpoint' | 'reverse'
     objective: str = "classify"      # 'classify' | 'attack'
     source_class: int = 0            # attack: make this class (K) ...
     target_class: int = 1            # ... be read as this one (T)
@@ -71,6 +71,8 @@ class DistillConfig:
     eval_every: int = 100            # test accuracy for the curves (0: only at the end)
     eval_inits: int = 10             # random init: held-out initialisations for the final accuracy
     checkpoint_every: int = 100
+    momentum: float = 0.0            # β of the inner loop: v ← βv − η̃g, θ ← θ + v (0: plain GD)
+    truncate: int = 0                # meta-gradient through the last K inner steps only (0: all)
 
     @property
     def num_inner_steps(self):
@@ -80,8 +82,8 @@ class DistillConfig:
         """Raise ValueError with one clear sentence for a setting that cannot work."""
         checks = [
             (self.init in INIT_MODES, f"init must be one of {INIT_MODES}, got {self.init!r}"),
-            (self.engine in hypergrad.ENGINES,
-             f"engine must be one of {hypergrad.ENGINES}, got {self.engine!r}"),
+            (self.engine in reversible.ENGINES,
+             f"engine must be one of {reversible.ENGINES}, got {self.engine!r}"),
             (self.objective in OBJECTIVES,
              f"objective must be one of {OBJECTIVES}, got {self.objective!r}"),
             (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
@@ -96,6 +98,7 @@ class DistillConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message + ".")
+        reversible.check_options(self.engine, self.momentum, self.truncate, "last", self.num_inner_steps)
         return self
 
     def to_dict(self):
@@ -272,8 +275,13 @@ class Distiller:
         for _ in range(n_nets):
             theta0 = self.sample_theta0()
             x_real, real_targets = self.sample_real_batch()
-            mg = hypergrad.meta_gradient(cfg.engine, self.model.apply, theta0, self.x,
-                                         self.targets, self.raw_lrs, x_real, real_targets)
+            if cfg.momentum or cfg.truncate or cfg.engine not in hypergrad.ENGINES:
+                mg = reversible.meta_gradient(cfg.engine, self.model.apply, theta0, self.x,
+                                              self.targets, self.raw_lrs, x_real, real_targets,
+                                              momentum=cfg.momentum, truncate=cfg.truncate)
+            else:
+                mg = hypergrad.meta_gradient(cfg.engine, self.model.apply, theta0, self.x,
+                                             self.targets, self.raw_lrs, x_real, real_targets)
             loss, grad_x, grad_raw = loss + mg.loss, grad_x + mg.grad_x, grad_raw + mg.grad_raw_lrs
         return loss / n_nets, grad_x / n_nets, grad_raw / n_nets
 
@@ -356,7 +364,8 @@ class Distiller:
         """Test accuracy of networks trained on the current distilled set."""
         n_inits = self.config.eval_inits if n_inits is None else n_inits
         return evaluate_distilled(self.model, self.dataset, self.x, self.labels, self.lrs(),
-                                  theta0=self.theta0, n_inits=n_inits, seed=self.config.seed)
+                                  theta0=self.theta0, n_inits=n_inits, seed=self.config.seed,
+                                  momentum=self.config.momentum)
 
     def distilled_set(self) -> DistilledSet:
         theta0 = None if self.theta0 is None else {k: backend.to_numpy(v) for k, v in self.theta0.items()}
@@ -423,7 +432,8 @@ def held_out_accuracy(distilled: DistilledSet, dataset=None, n_inits=None) -> Ac
         theta0 = {k: backend.asarray(v, dtype=config.dtype) for k, v in distilled.theta0.items()}
     x = backend.asarray(distilled.images, dtype=config.dtype)
     return evaluate_distilled(model, dataset, x, distilled.labels, backend.asarray(distilled.lrs, dtype=config.dtype),
-                              theta0=theta0, n_inits=n_inits or config.eval_inits, seed=config.seed)
+                              theta0=theta0, n_inits=n_inits or config.eval_inits, seed=config.seed,
+                              momentum=config.momentum)
 
 
 __all__ = ["DistillConfig", "Distiller", "DistilledSet", "DistillError", "held_out_accuracy",
