@@ -380,6 +380,16 @@ class RemainderBuffer:
     def nbytes(self):
         return sum(int(d.nbytes) for d in self.digits)
 
+    def bit_lengths(self):
+        """The bit length of each parameter's B (0 where B = 0): the information it holds."""
+        xp = backend.xp()
+        lengths = xp.zeros(self.size, dtype=xp.int64)
+        for i, digit in enumerate(self.digits):
+            nonzero = digit > 0
+            top = xp.floor(xp.log2(digit[nonzero].astype(xp.float64))).astype(xp.int64)
+            lengths[nonzero] = 32 * i + top + 1
+        return lengths
+
     def is_empty(self):
         return not self.digits
 

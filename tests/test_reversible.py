@@ -248,6 +248,7 @@ def test_remainder_buffer_is_exact_big_integer_arithmetic():
         history.append((r, d, popped, n))
     value = [sum(int(digit[i]) << (32 * j) for j, digit in enumerate(buffer.digits)) for i in range(size)]
     assert value == reference and max(reference) > 2 ** 64   # several digits deep
+    assert buffer.bit_lengths().tolist() == [b.bit_length() for b in reference]
     for r, d, popped, n in reversed(history):                   # and all the way back
         buffer.push(popped, n)
         assert np.array_equal(buffer.pop(d), r)
