@@ -188,35 +188,49 @@ def growth_lines(checks):
 
 
 def draw(rows, path):
+    """Per model: peak MB, the growth of the peak above the engine's own peak at the smallest T
+    (in copies of θ, with T and √T guide lines), and seconds — all against T, log-log."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4.2 * len(models)), squeeze=False)
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    fig, axes = plt.subplots(len(models), 3, figsize=(15, 4.2 * len(models)), squeeze=False)
     for i, model in enumerate(models):
-        for j, (field, label) in enumerate((("peak_mb", "peak memory (MB, tracemalloc)"),
-                                            ("seconds", "seconds per meta-gradient"))):
-            ax = axes[i, j]
-            for engine in dict.fromkeys(r["engine"] for r in rows):
-                pts = [(r["T"], r[field]) for r in rows
-                       if r["model"] == model and r["engine"] == engine and r[field] is not None]
-                if pts:
-                    name = f"truncate {TRUNCATE}" if engine == "truncate" else engine
-                    ax.plot(*zip(*pts), "o-", label=name)
-            if field == "peak_mb":
-                theta_mb = next(r["theta_mb"] for r in rows if r["model"] == model)
-                ax.axhline(theta_mb, color="grey", ls=":", lw=1, label="one copy of θ")
+        ax_peak, ax_growth, ax_time = axes[i]
+        mine = [r for r in rows if r["model"] == model]
+        theta_mb = mine[0]["theta_mb"]
+        for j, engine in enumerate(engines):
+            pts = [r for r in mine if r["engine"] == engine and r["peak_mb"] is not None]
+            if not pts:
+                continue
+            name = f"truncate {TRUNCATE}" if engine == "truncate" else engine
+            T = np.array([r["T"] for r in pts], float)
+            peak = np.array([r["peak_mb"] for r in pts])
+            ax_peak.plot(T, peak, "o-", color=f"C{j}", label=name)
+            copies = (peak - peak[0]) / theta_mb
+            keep = copies > 0.5
+            ax_growth.plot(T[keep], copies[keep], "o-", color=f"C{j}", label=name)
+            ax_time.plot(T, [r["seconds"] for r in pts], "o-", color=f"C{j}", label=name)
+        T_all = np.array(sorted({r["T"] for r in mine}), float)
+        guide, T0 = T_all[1:], T_all[0]          # the guides are 0 at the smallest T
+        ax_growth.plot(guide, guide - T0, "k:", lw=1, label="T − T₀ copies")
+        ax_growth.plot(guide, 3 * (np.sqrt(guide) - np.sqrt(T0)), "k--", lw=1, label="3(√T − √T₀) copies")
+        data_name = SETUPS[model][0]
+        for ax, label, title in (
+                (ax_peak, "peak memory (MB, tracemalloc)", f"peak memory (one θ = {theta_mb:.2f} MB)"),
+                (ax_growth, "peak − peak at the smallest T (copies of θ)", "what grows with T"),
+                (ax_time, "seconds per meta-gradient", "time (one untraced call)")):
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("inner steps T")
             ax.set_ylabel(label)
-            data_name = SETUPS[model][0]
-            ax.set_title(f"{model} / {data_name}: {label.split(' (')[0]}")
+            ax.set_title(f"{model} / {data_name}: {title}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
