@@ -99,10 +99,11 @@ def momentum_unroll(apply, theta0, x_distilled, targets, lrs, momentum=0.0, loss
     schedule = step_schedule(*check_schedule(x_distilled, lrs))
     params, velocity = theta0, zero_velocity(theta0)
     trajectory = [params]
-    for t in range(len(schedule)):
-        params, velocity = train(apply, params, velocity, x_distilled, targets, lrs,
-                                 schedule[t:t + 1], momentum, loss)
-        trajectory.append(params)
+    for e, s in schedule:
+        params, velocity = momentum_step(apply, params, velocity, x_distilled[s], targets,
+                                         lrs[e, s], momentum, loss)
+        if return_all:
+            trajectory.append(params)
     return trajectory if return_all else params
 
 
