@@ -216,7 +216,8 @@ def draw(rows, path):
         T_all = np.array(sorted({r["T"] for r in mine}), float)
         guide, T0 = T_all[1:], T_all[0]          # the guides are 0 at the smallest T
         ax_growth.plot(guide, guide - T0, "k:", lw=1, label="T − T₀ copies")
-        ax_growth.plot(guide, 3 * (np.sqrt(guide) - np.sqrt(T0)), "k--", lw=1, label="3(√T − √T₀) copies")
+        ax_growth.plot(guide, 3 * (np.sqrt(guide) - np.sqrt(T0)), "k--", lw=1,
+                       label="3(√T − √T₀) copies")
         data_name = SETUPS[model][0]
         for ax, label, title in (
                 (ax_peak, "peak memory (MB, tracemalloc)", f"peak memory (one θ = {theta_mb:.2f} MB)"),

@@ -242,7 +242,8 @@ class Adjoint:
         self.grad_lrs = anp.zeros_like(problem.lrs)
 
     def back_through(self, t, params_t):
-        """Turn ∂L/∂(θ_{t+1}, v_{t+1}) into ∂L/∂(θ_t, v_t), given θ_t (formulas: module docstring)."""
+        """Turn ∂L/∂(θ_{t+1}, v_{t+1}) into ∂L/∂(θ_t, v_t), given θ_t (the module docstring's
+        formulas)."""
         p = self.p
         e, s = p.schedule[t]
         lr = p.lrs[e, s]
@@ -319,6 +320,11 @@ def reverse(problem, params, velocity, trace=None):
         g = inner_grad(p.apply, params_t, p.x_distilled[s], p.targets, p.loss)
         state.undo_velocity(g, p.lrs[e, s])
         adjoint.back_through(t, params_t)
+    if not state.recovered_start():
+        raise ReversalError(
+            "the reverse engine did not come back to θ_0 bit for bit: a step's gradient was not "
+            "reproducible on the way back (a nondeterministic BLAS or GPU kernel?), so its "
+            "meta-gradient cannot be trusted; use --engine checkpoint.")
     if trace is not None:
         trace.append(state)
     return (outer_loss, *adjoint.result())

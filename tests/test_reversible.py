@@ -229,6 +229,26 @@ def test_reverse_engine_ends_where_it_started():
     assert all(np.array_equal(trace[0].params()[k], theta0[k]) for k in theta0)
 
 
+def test_an_unreproducible_gradient_is_caught(monkeypatch):
+    """If a step's gradient on the way back differs by more than the grid resolves (a
+    nondeterministic kernel), the reverse engine must say so rather than return a silently
+    wrong meta-gradient."""
+    p = make_problem("mlp")
+    calls = []
+    exact_grad = reversible.inner_grad
+
+    def flaky_grad(*args, **kwargs):
+        calls.append(1)
+        g = exact_grad(*args, **kwargs)
+        if len(calls) == T + 3:       # backward: T+1 undoes step T-1, T+2 its HVP, T+3 undoes step T-2
+            g = {k: v * (1 + 1e-9) for k, v in g.items()}   # ≫ the 2^-48 grid after × η
+        return g
+
+    monkeypatch.setattr(reversible, "inner_grad", flaky_grad)
+    with pytest.raises(ReversalError, match="did not come back to θ_0"):
+        reversible.meta_gradient("reverse", **p, momentum=BETA)
+
+
 def test_float_momentum_cannot_be_reversed():
     """Why the grid is needed: (θ + v) − v and (βv − ηg + ηg)/β in floats miss θ_0 after a
     few steps (if this ever passed, the fixed-point machinery would be unnecessary)."""
