@@ -357,6 +357,9 @@ def test_random_window_ends_at_a_random_step(rel_err):
         assert nonzero.tolist() == list(range(start, stop))
         ends.add(stop)
     assert len(ends) > 1
+    draws = np.random.default_rng(0)                 # the end is uniform on {K, …, T}, both included
+    stops = [reversible.window_bounds(T, k, "random", draws)[1] for _ in range(300)]
+    assert set(stops) == set(range(k, T + 1))
 
 
 def test_compare_of_a_gradient_with_itself():
