@@ -15,7 +15,7 @@ so each backward step needs θ_t.  The four engines differ only in how they get 
 ``naive``       autograd through the unroll: every step's activations stay on the tape.
 ``backgrad``    keeps θ_0 … θ_T:                             memory ~ T copies of θ.
 ``checkpoint``  keeps (θ, v) every k ≈ √T steps and re-runs each segment on the way
-                back:                                          memory ~ 2√T copies, time +1 forward.
+                back:                                          memory ~ 3√T copies, time +1 forward.
 ``reverse``     keeps nothing: runs training *backwards*, θ_t = θ_{t+1} − v_{t+1} and
                 v_t = (v_{t+1} + η̃_t g_t) / β, exactly (Maclaurin, Duvenaud & Adams 2015).
 
@@ -274,7 +274,7 @@ def backgrad(problem, params, velocity):
 
 
 def default_segment(num_steps):
-    """k ≈ √T: T/k stored states plus k recomputed θ's, ~2√T copies in all."""
+    """k ≈ √T: T/k stored (θ, v) pairs plus k recomputed θ's, ~3√T copies of θ in all."""
     return max(1, round(math.sqrt(num_steps)))
 
 
