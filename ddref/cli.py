@@ -39,7 +39,9 @@ CONFIG_HELP = {
     "decay_every": "iterations between outer learning-rate decays (0: never)",
     "batch_size": "real images per outer iteration",
     "iterations": "outer iterations",
-    "engine": "meta-gradient: backgrad (stored θ_t + Hessian-vector products) or naive (autograd through the unroll)",
+    "engine": "meta-gradient: backgrad (stored θ_t + Hessian-vector products), naive (autograd through the unroll), "
+              "checkpoint (θ stored every √T steps, segments recomputed) or reverse (training run backwards "
+              "exactly; needs --momentum > 0; memory independent of T)",
     "objective": "classify, or attack: make --source-class be read as --target-class",
     "source_class": "attack: the class K to be misread",
     "target_class": "attack: the class T it should be read as",
@@ -52,6 +54,8 @@ CONFIG_HELP = {
     "checkpoint_every": "iterations between checkpoints",
     "order": "learned: the steps in their order; random: a new random step order every "
              "iteration (for order-independent images)",
+    "momentum": "inner-loop momentum β: v ← βv − η̃g, θ ← θ + v (0: plain gradient descent; 0.9 usual)",
+    "truncate": "meta-gradient through the last K inner steps only (0: all steps; biased)",
 }
 
 
@@ -319,7 +323,8 @@ def _evaluate_reuse(distilled, path, args):
         if args.order not in (None, "learned"):
             raise ValueError("--order with another --model: give one of them at a time.")
         result = reuse.other_architecture_accuracy(args.model, dataset, x, distilled.labels, lrs,
-                                                   n_inits=n_inits, seed=config.seed)
+                                                   n_inits=n_inits, seed=config.seed,
+                                                   momentum=config.momentum)
         learned = result["learned_lrs"] or "diverged (the learned rates are too large for it)"
         print(f"{args.model} trained on {path} (distilled for {config.model}), {n_inits} held-out inits:")
         print(f"  with the learned learning rates: {learned}")
@@ -327,7 +332,8 @@ def _evaluate_reuse(distilled, path, args):
         return 0
     order = args.order or "learned"
     accuracy, lr = reuse.order_accuracy(order, model, dataset, x, distilled.labels, lrs,
-                                        theta0=theta0, n_inits=n_inits, seed=config.seed)
+                                        theta0=theta0, n_inits=n_inits, seed=config.seed,
+                                        momentum=config.momentum)
     print(f"test accuracy, {order} order{f' (tuned lr {lr:g})' if lr else ''}: {accuracy}")
     return 0
 

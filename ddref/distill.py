@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 import ddref
-from ddref import backend, data, hypergrad, nn
+from ddref import backend, data, hypergrad, nn, reversible
 from ddref.evaluate import Accuracy, Adam, TrainingDiverged, evaluate_distilled, held_out_inits
 from ddref.losses import attack_targets, one_hot
 from ddref.saved import (DistilledSet, SavedFileError, atomic_savez, json_field, load_npz,
@@ -63,7 +63,7 @@ class DistillConfig:
     decay_every: int = 400           # ... every this many iterations (0: never)
     batch_size: int = 512            # real images per outer iteration
     iterations: int = 1000
-    engine: str = "backgrad"         # 'naive' | 'backgrad'
+    engine: str = "backgrad"         # 'naive' | 'backgrad' | 'checkpoint' | 'reverse'
     objective: str = "classify"      # 'classify' | 'attack'
     source_class: int = 0            # attack: make this class (K) ...
     target_class: int = 1            # ... be read as this one (T)
@@ -75,6 +75,8 @@ class DistillConfig:
     eval_inits: int = 10             # random init: held-out initialisations for the final accuracy
     checkpoint_every: int = 100
     order: str = "learned"           # 'learned': steps in their order; 'random': a new order every iteration
+    momentum: float = 0.0            # β of the inner loop: v ← βv − η̃g, θ ← θ + v (0: plain GD)
+    truncate: int = 0                # meta-gradient through the last K inner steps only (0: all)
 
     @property
     def num_inner_steps(self):
@@ -89,7 +91,7 @@ class DistillConfig:
             (_known_dataset(self.dataset), "dataset", "must name a data set listed by `ddref datasets`"),
             (self.model in nn.MODELS, "model", f"must be one of {', '.join(nn.MODELS)}"),
             (self.init in INIT_MODES, "init", f"must be one of {', '.join(INIT_MODES)}"),
-            (self.engine in hypergrad.ENGINES, "engine", f"must be one of {', '.join(hypergrad.ENGINES)}"),
+            (self.engine in reversible.ENGINES, "engine", f"must be one of {', '.join(reversible.ENGINES)}"),
             (self.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}"),
             (self.init_scheme in nn.INIT_SCHEMES, "init_scheme", f"must be one of {', '.join(nn.INIT_SCHEMES)}"),
             (self.dtype in ("float32", "float64"), "dtype", "must be float32 or float64"),
@@ -111,12 +113,17 @@ class DistillConfig:
             (0 < self.lr_decay <= 1, "lr_decay", "must be in (0, 1]: the outer learning rate is "
                                                  "multiplied by it every --decay-every iterations"),
             (0 < self.init_scale < math.inf, "init_scale", "must be a positive finite number"),
+            (0 <= self.momentum < 1, "momentum", "must be in [0, 1) (0: plain gradient descent)"),
+            (0 <= self.truncate <= self.num_inner_steps, "truncate",
+             f"must be between 0 (no truncation) and the {self.num_inner_steps} inner steps"),
             (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
              "must be two numbers in [0, 1), e.g. --betas 0.5 0.999"),
         ]
         for ok, name, rule in checks:
             if not ok:
                 raise ValueError(f"{option_name(name)} {rule}; got {getattr(self, name)!r}.")
+        reversible.check_options(self.engine, self.momentum, self.truncate, "last",
+                                 self.num_inner_steps)
         return self
 
     def to_dict(self):
@@ -261,8 +268,13 @@ class Distiller:
         for _ in range(n_nets):
             theta0 = self.sample_theta0()
             x_real, real_targets = self.sample_real_batch()
-            mg = hypergrad.meta_gradient(cfg.engine, self.model.apply, theta0, self.x,
-                                         self.targets, self.raw_lrs, x_real, real_targets)
+            if cfg.momentum or cfg.truncate or cfg.engine not in hypergrad.ENGINES:
+                mg = reversible.meta_gradient(cfg.engine, self.model.apply, theta0, self.x,
+                                              self.targets, self.raw_lrs, x_real, real_targets,
+                                              momentum=cfg.momentum, truncate=cfg.truncate)
+            else:
+                mg = hypergrad.meta_gradient(cfg.engine, self.model.apply, theta0, self.x,
+                                             self.targets, self.raw_lrs, x_real, real_targets)
             loss, grad_x, grad_raw = loss + mg.loss, grad_x + mg.grad_x, grad_raw + mg.grad_raw_lrs
         return loss / n_nets, grad_x / n_nets, grad_raw / n_nets
 
@@ -413,7 +425,8 @@ class Distiller:
         """Test accuracy of networks trained on the current distilled set."""
         n_inits = self.config.eval_inits if n_inits is None else n_inits
         return evaluate_distilled(self.model, self.dataset, self.x, self.labels, self.lrs(),
-                                  theta0=self.theta0, n_inits=n_inits, seed=self.config.seed)
+                                  theta0=self.theta0, n_inits=n_inits, seed=self.config.seed,
+                                  momentum=self.config.momentum)
 
     def distilled_set(self) -> DistilledSet:
         theta0 = None if self.theta0 is None else {k: backend.to_numpy(v) for k, v in self.theta0.items()}
@@ -570,7 +583,8 @@ def held_out_accuracy(distilled: DistilledSet, dataset=None, n_inits=None, sourc
     check_n_inits(n_inits, config, source)
     return evaluate_distilled(model, dataset, backend.asarray(images), distilled.labels,
                               backend.asarray(lrs), theta0=theta0,
-                              n_inits=n_inits or config.eval_inits, seed=config.seed)
+                              n_inits=n_inits or config.eval_inits, seed=config.seed,
+                              momentum=config.momentum)
 
 
 __all__ = ["DistillConfig", "Distiller", "DistilledSet", "DistillError", "held_out_accuracy",

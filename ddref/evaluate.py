@@ -122,11 +122,16 @@ class Adam:
 # ---------------------------------------------------------------------------- Algorithm-1 style training
 
 
-def train_on_steps(apply, theta0, x_steps, targets, lrs):
-    """Train from θ0 exactly as distillation does: x_steps (S, n, C, H, W), lrs (E, S)."""
+def train_on_steps(apply, theta0, x_steps, targets, lrs, momentum=0.0):
+    """Train from θ0 exactly as distillation does: x_steps (S, n, C, H, W), lrs (E, S),
+    with the inner loop's momentum β (0: plain gradient descent)."""
     dtype = _dtype_of(theta0)
-    return unroll(apply, theta0, backend.asarray(x_steps, dtype=dtype),
-                  backend.asarray(targets, dtype=dtype), backend.asarray(lrs, dtype=dtype))
+    args = (apply, theta0, backend.asarray(x_steps, dtype=dtype),
+            backend.asarray(targets, dtype=dtype), backend.asarray(lrs, dtype=dtype))
+    if momentum:
+        from ddref.reversible import momentum_unroll
+        return momentum_unroll(*args, momentum=momentum)
+    return unroll(*args)
 
 
 @dataclass(frozen=True)
@@ -156,13 +161,14 @@ def held_out_inits(model, n, seed, dtype):
     return [model.init(rng, dtype=dtype) for _ in range(n)]
 
 
-def evaluate_distilled(model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10, seed=0):
+def evaluate_distilled(model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10, seed=0,
+                       momentum=0.0):
     """Test accuracy after training on the distilled steps: from ``theta0`` when given
     (fixed init), else mean ± std over ``n_inits`` held-out random initialisations."""
     dtype = str(np.asarray(backend.to_numpy(x_steps)).dtype)
     targets = one_hot(labels, dataset.num_classes, dtype)
     inits = [theta0] if theta0 is not None else held_out_inits(model, n_inits, seed, dtype)
-    accs = [accuracy_on(model.apply, train_on_steps(model.apply, th, x_steps, targets, lrs),
+    accs = [accuracy_on(model.apply, train_on_steps(model.apply, th, x_steps, targets, lrs, momentum),
                           dataset.x_test, dataset.y_test) for th in inits]
     return Accuracy.of(accs)
 

@@ -45,23 +45,23 @@ def _as_device(x, dtype):
 # ---------------------------------------------------------------------------- step order
 
 
-def train_on_ordered_steps(model, theta0, x_steps, labels, lrs, order):
+def train_on_ordered_steps(model, theta0, x_steps, labels, lrs, order, momentum=0.0):
     """Train as Algorithm 1 does, visiting the image groups in ``order`` (a permutation of
     the S steps) in every epoch; the rate η̃[e, s] stays with position s of the schedule."""
     dtype = str(x_steps.dtype)
     targets = one_hot(labels, model.num_classes, dtype)
-    return train_on_steps(model.apply, theta0, x_steps[np.asarray(order)], targets, lrs)
+    return train_on_steps(model.apply, theta0, x_steps[np.asarray(order)], targets, lrs, momentum)
 
 
 def shuffled_order_accuracy(model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10,
-                            n_orders=10, seed=0):
+                            n_orders=10, seed=0, momentum=0.0):
     """Test accuracy with the steps visited in ``n_orders`` random orders (each order paired
     with one network: the fixed θ0, or held-out inits in turn)."""
     dtype = str(x_steps.dtype)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x0DE5]))
     inits = networks_to_train(model, theta0, n_inits, seed, dtype)
     trained = [train_on_ordered_steps(model, inits[i % len(inits)], x_steps, labels, lrs,
-                                      rng.permutation(len(x_steps)))
+                                      rng.permutation(len(x_steps)), momentum)
                for i in range(max(n_orders, len(inits)))]
     return _test_accuracy(model, dataset, trained)
 
@@ -110,17 +110,20 @@ def pool_accuracy(model, dataset, x_steps, labels, epochs, theta0=None, n_inits=
     return _test_accuracy(model, dataset, trained(best_lr)), float(best_lr)
 
 
-def order_accuracy(order, model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10, seed=0):
-    """Accuracy (and, for ``pool``, the tuned lr; else None) of one way of ordering the set."""
+def order_accuracy(order, model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10, seed=0,
+                   momentum=0.0):
+    """Accuracy (and, for ``pool``, the tuned lr; else None) of one way of ordering the set.
+    ``momentum`` is the inner loop's β, used by the learned and shuffled schedules; the pool is
+    trained by plain minibatch SGD."""
     if order not in ORDERS:
         raise ValueError(f"--order must be one of {', '.join(ORDERS)}; got {order!r}.")
     if order == "learned":
         inits = networks_to_train(model, theta0, n_inits, seed, str(x_steps.dtype))
         return _test_accuracy(model, dataset, [train_on_ordered_steps(
-            model, th, x_steps, labels, lrs, np.arange(len(x_steps))) for th in inits]), None
+            model, th, x_steps, labels, lrs, np.arange(len(x_steps)), momentum) for th in inits]), None
     if order == "shuffled":
         return shuffled_order_accuracy(model, dataset, x_steps, labels, lrs, theta0, n_inits,
-                                       seed=seed), None
+                                       seed=seed, momentum=momentum), None
     return pool_accuracy(model, dataset, x_steps, labels, lrs.shape[0], theta0, n_inits, seed)
 
 
@@ -167,7 +170,7 @@ def padded_dataset(dataset, image_shape):
 
 
 def other_architecture_accuracy(model_name, dataset, x_steps, labels, lrs, n_inits=10, seed=0,
-                                lr_grid=BASELINE_LR_GRID):
+                                lr_grid=BASELINE_LR_GRID, momentum=0.0):
     """Train networks of another architecture (held-out random inits) on the distilled steps:
     with the learned rates, and with one constant rate tuned on the training split.  Images
     (distilled, training and test) are padded to the size that network takes.
@@ -183,7 +186,7 @@ def other_architecture_accuracy(model_name, dataset, x_steps, labels, lrs, n_ini
     targets = one_hot(labels, dataset.num_classes, dtype)
 
     def trained(schedule):
-        return [train_on_steps(model.apply, th, x, targets, schedule) for th in inits]
+        return [train_on_steps(model.apply, th, x, targets, schedule, momentum) for th in inits]
 
     def train_split_accuracy(lr):
         try:
