@@ -105,6 +105,15 @@ def build_parser():
 
     sub.add_parser("datasets", help="list the data sets and whether each is available now")
 
+    p = sub.add_parser("table", help="the results grid: distilled vs baselines, one run folder per cell")
+    p.add_argument("--grid", default="readme", help="readme (the README's settings) or small (seconds)")
+    p.add_argument("--out", default=None, help="output folder (default results/, or results/GRID "
+                                               "for a grid other than readme)")
+    p.add_argument("--jobs", type=int, default=1, help="cells computed in parallel (joblib; -1: all cores)")
+    p.add_argument("--only", default=None, help="comma-separated glob patterns of cell names, "
+                                                "e.g. 'digits-mlp-fixed-*'")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("download", help="download a data set's files into the cache and verify them")
     p.add_argument("name", help="mnist, usps, svhn or cifar10")
     return parser
@@ -256,9 +265,22 @@ def cmd_download(args):
     return 0
 
 
+def cmd_table(args):
+    from ddref import table
+
+    if args.grid not in table.GRIDS:
+        raise ValueError(f"--grid {args.grid!r} is not a grid; choose one of {', '.join(table.GRIDS)}.")
+    if args.jobs == 0:
+        raise ValueError("--jobs must be a positive number of workers, or -1 for all cores.")
+    out = Path(args.out or ("results" if args.grid == "readme" else f"results/{args.grid}"))
+    table.run_grid(table.GRIDS[args.grid], out, jobs=args.jobs, only=args.only,
+                   progress=not args.no_progress)
+    return 0
+
+
 COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show,
             "train": cmd_train, "datasets": cmd_datasets,
-            "download": cmd_download}
+            "download": cmd_download, "table": cmd_table}
 
 
 def main(argv=None):
