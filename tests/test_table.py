@@ -130,3 +130,22 @@ def test_bad_options_are_one_clear_line(capsys, tmp_path):
     assert "--only 'cifar*' matches no cell" in capsys.readouterr().err
     with pytest.raises(ValueError, match="need tune_draws ≤ n_draws"):
         table.check_grid(table.Grid("bad", SMALL.settings, n_draws=1, tune_draws=2))
+
+
+def test_a_killed_distilled_cell_resumes_from_its_checkpoint_exactly(finished, tmp_path, monkeypatch):
+    from ddref.distill import Distiller
+
+    out, _, _ = finished
+    cell = next(c for c in SMALL.cells() if c.name == "digits-mlp-fixed-distilled")
+    folder = tmp_path / "cells" / cell.name
+    config = table.distill_config(SMALL, cell.setting, cell.init)
+    Distiller(config, progress=False).run(iterations=config.iterations // 2,
+                                          checkpoint_path=folder / "checkpoint.npz")
+    started_at, run = [], Distiller.run
+    monkeypatch.setattr(Distiller, "run", lambda self, **kw: started_at.append(self.iteration)
+                        or run(self, **kw))
+    assert table.run_grid(SMALL, tmp_path, jobs=1, only=cell.name, progress=False,
+                          log=lambda s: None) == [cell.name]
+    assert started_at == [config.iterations // 2]
+    resumed = json.loads((folder / "result.json").read_text())["rows"]
+    assert resumed == json.loads((out / "cells" / cell.name / "result.json").read_text())["rows"]
