@@ -145,3 +145,31 @@ def relabelled_real_baseline(model, dataset, steps, epochs, labels, inits, sourc
     measure = lambda nets: summarise(model.apply, nets, dataset.x_test, dataset.y_test, source,  # noqa: E731
                                      target, dataset.num_classes)
     return {"before": measure(inits[:n_draws]), "after": measure(after)}, lr
+
+
+def attack_report(model, dataset, x_steps, labels, lrs, inits, source, target, n_draws=10, seed=0,
+                  lr_grid=baselines.LR_GRID, tune_draws=3) -> dict:
+    """What ``ddref distill --objective attack`` reports: the distilled set and the relabelled-
+    real baseline, before and after training, over the networks ``inits``; JSON-ready."""
+    x_steps = np.asarray(x_steps)
+    distilled = evaluate_attack(model, dataset, x_steps, labels, lrs, inits, source, target)
+    baseline, lr = relabelled_real_baseline(model, dataset, x_steps.shape[0], np.shape(lrs)[0],
+                                            labels, inits, source, target, n_draws, seed, lr_grid,
+                                            tune_draws)
+    as_dict = lambda r: {k: v.to_dict() for k, v in r.items()}  # noqa: E731
+    return {"source_class": int(source), "target_class": int(target),
+            "distilled": as_dict(distilled), "relabelled_real": as_dict(baseline),
+            "relabelled_real_lr": lr}
+
+
+def report_lines(report) -> list:
+    """The report as lines for the terminal: one per (set, before/after)."""
+    k, t = report["source_class"], report["target_class"]
+    lines = [f"attack {k}→{t}: share of test {k}s read as {t} | accuracy on the other classes | "
+             f"accuracy (true labels)"]
+    for name in ("distilled", "relabelled_real"):
+        for when in ("before", "after"):
+            r = report[name][when]
+            cells = [Accuracy(**r[m]) for m in ("attack_success", "other_classes_accuracy", "accuracy")]
+            lines.append(f"  {name.replace('_', ' '):16s} {when:6s}: " + " | ".join(map(str, cells)))
+    return lines

@@ -174,8 +174,9 @@ def cell_settings(grid, cell):
             "method": cell.method, **grid_fields, "version": ddref.__version__}
 
 
-def run_cell(grid, cell, out):
-    """Compute one cell and write ``OUT/cells/NAME/result.json`` atomically; returns its name."""
+def run_cell(grid, cell, out, progress=False):
+    """Compute one cell and write ``OUT/cells/NAME/result.json`` atomically; returns its name.
+    ``progress``: show the distillation's progress bar (sensible with one job only)."""
     folder = Path(out) / "cells" / cell.name
     folder.mkdir(parents=True, exist_ok=True)
     config = distill_config(grid, cell.setting, cell.init)
@@ -184,7 +185,7 @@ def run_cell(grid, cell, out):
     start = time.perf_counter()
     compute = _distilled_rows if cell.method == "distilled" else (
         _full_data_rows if cell.method == "full_data" else _baseline_rows)
-    rows = compute(grid, cell, config, dataset, model, folder)
+    rows = compute(grid, cell, config, dataset, model, folder, progress)
     result = {"settings": cell_settings(grid, cell), "rows": rows,
               "seconds": round(time.perf_counter() - start, 2)}
     write_json_atomic(folder / "result.json", result)
@@ -195,16 +196,16 @@ def _row(accuracy: Accuracy, **extra):
     return {"mean": accuracy.mean, "std": accuracy.std, "n": accuracy.n, **extra}
 
 
-def _distilled_rows(grid, cell, config, dataset, model, folder):
+def _distilled_rows(grid, cell, config, dataset, model, folder, progress):
     from ddref.distill import Distiller
 
     checkpoint = folder / "checkpoint.npz"
     distiller = None
     if checkpoint.exists():   # a killed cell continues where its last checkpoint left it
-        distiller = Distiller.from_checkpoint(checkpoint, dataset, progress=False)
+        distiller = Distiller.from_checkpoint(checkpoint, dataset, progress=progress)
         if distiller.config.to_dict() != config.to_dict():
             distiller = None
-    distiller = (distiller or Distiller(config, dataset, progress=False)).run(checkpoint_path=checkpoint)
+    distiller = (distiller or Distiller(config, dataset, progress=progress)).run(checkpoint_path=checkpoint)
     distilled = distiller.distilled_set()
     distilled.save(folder / "distilled.npz")
     nn_accuracy = baselines.nearest_neighbour_accuracy(distilled.images, distilled.labels,
@@ -213,7 +214,7 @@ def _distilled_rows(grid, cell, config, dataset, model, folder):
             "knn_distilled": _row(Accuracy.of([nn_accuracy]))}
 
 
-def _baseline_rows(grid, cell, config, dataset, model, folder):
+def _baseline_rows(grid, cell, config, dataset, model, folder, progress):
     from ddref.distill import distilled_labels
 
     labels = distilled_labels(dataset.num_classes, config.images_per_class)
@@ -228,7 +229,7 @@ def _baseline_rows(grid, cell, config, dataset, model, folder):
             f"knn_{cell.method}": _row(result.nearest_neighbour)}
 
 
-def _full_data_rows(grid, cell, config, dataset, model, folder):
+def _full_data_rows(grid, cell, config, dataset, model, folder, progress):
     inits = evaluation_inits(config, dataset, model, grid.full_data_nets)
     accs = [accuracy_on(model.apply, train_full(model, dataset, epochs=cell.setting.full_epochs,
                                                 seed=config.seed, theta0=theta0, progress=False),
@@ -289,7 +290,7 @@ def run_grid(grid, out, jobs=1, only=None, progress=True, log=print):
     computed = []
     if missing:
         results = Parallel(n_jobs=jobs, return_as="generator_unordered")(
-            delayed(run_cell)(grid, cell, str(out)) for cell in missing)
+            delayed(run_cell)(grid, cell, str(out), progress and jobs == 1) for cell in missing)
         for name in tqdm(results, total=len(missing), desc="cells", disable=not progress):
             computed.append(name)
             cell_done(name)

@@ -80,3 +80,18 @@ def test_bad_classes_are_one_clear_sentence():
         attack.check_classes(0, 10, 10)
     with pytest.raises(ValueError, match="no image of class 5"):
         attack.attack_success(PREDICTED, LABELS, 5, 1)
+
+
+def test_the_report_is_json_with_both_sets_before_and_after(trained_nets):
+    import json
+
+    digits, mlp, nets = trained_nets
+    labels = distilled_labels(10, 1)
+    x = baselines.average_steps(digits, 2, labels)
+    report = attack.attack_report(mlp, digits, x, labels, np.full((1, 2), 0.1), nets, 0, 1,
+                                  n_draws=2, tune_draws=1, lr_grid=(0.1,))
+    again = json.loads(json.dumps(report))
+    assert again["distilled"]["before"] == again["relabelled_real"]["before"]   # the same networks
+    assert again["distilled"]["after"]["n"] == 2 and again["relabelled_real_lr"] == 0.1
+    lines = attack.report_lines(report)
+    assert len(lines) == 5 and lines[0].startswith("attack 0→1")
