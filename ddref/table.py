@@ -138,8 +138,17 @@ def check_grid(grid):
             raise ValueError(f"grid {grid.name!r}: {name} must be at least 1.")
     if grid.tune_draws > grid.n_draws or grid.n_draws > grid.n_candidates:
         raise ValueError(f"grid {grid.name!r}: need tune_draws ≤ n_draws ≤ n_candidates.")
+    catalogue = {row["name"]: row for row in data.list_datasets()}
     for setting in grid.settings:
         distill_config(grid, setting, grid.inits[0]).validate()
+        if setting.dataset not in catalogue:
+            raise ValueError(f"grid {grid.name!r}: unknown data set {setting.dataset!r}; "
+                             f"`ddref datasets` lists them.")
+        entry = catalogue[setting.dataset]
+        if not entry["available"]:
+            raise data.DataError(f"grid {grid.name!r} needs {setting.dataset}, which is not "
+                                 f"available: {entry['how']}.")
+        nn.build_model(setting.model, entry["image_shape"], entry["num_classes"])  # fits the images?
     return grid
 
 

@@ -128,6 +128,8 @@ def test_bad_options_are_one_clear_line(capsys, tmp_path):
     assert "--grid 'huge' is not a grid; choose one of readme, small" in capsys.readouterr().err
     assert main(["table", "--grid", "small", "--only", "cifar*", "--out", str(tmp_path)]) == 2
     assert "--only 'cifar*' matches no cell" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="lenet takes 28×28 or 32×32 images"):
+        table.check_grid(table.Grid("bad", (table.Setting("digits", "lenet"),)))
     with pytest.raises(ValueError, match="need tune_draws ≤ n_draws"):
         table.check_grid(table.Grid("bad", SMALL.settings, n_draws=1, tune_draws=2))
 
