@@ -119,10 +119,14 @@ def train_pairs(apply, pairs, targets, epochs, lr):
 
 def tune_lr(apply, pairs, targets, epochs, x, y, lr_grid=LR_GRID):
     """The value of ``lr_grid`` whose trained networks score best on (x, y), mean over pairs.
-    Pass the training split (never the test split)."""
+    Pass the training split (never the test split).  An lr whose training diverges (a
+    non-finite weight) scores −∞: too large a grid value is a bad choice, not an error."""
     def score(lr):
-        trained = train_pairs(apply, pairs, targets, epochs, lr)
-        return np.mean([accuracy_on(apply, theta, x, y) for theta in trained])
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            trained = train_pairs(apply, pairs, targets, epochs, lr)
+            if not all(bool(backend.xp().isfinite(w).all()) for t in trained for w in t.values()):
+                return -np.inf
+            return np.mean([accuracy_on(apply, theta, x, y) for theta in trained])
     return float(max(lr_grid, key=score))
 
 

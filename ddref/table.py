@@ -428,13 +428,14 @@ def figure(grid, rows, path):
                    hatch=None, alpha=0.9)
         split = sum(kind == "training" for _, kind in entries) - 0.5
         ax.axvline(split, color="gray", lw=0.8, ls=":")
-        ax.text(split - 0.2, 98, "trained on ←", ha="right", va="top", fontsize=8, color="gray")
-        ax.text(split + 0.2, 98, "→ 1-NN examples", ha="left", va="top", fontsize=8, color="gray")
+        ax.text(split - 0.2, 108, "trained on ←", ha="right", va="top", fontsize=8, color="gray")
+        ax.text(split + 0.2, 108, "→ 1-NN examples", ha="left", va="top", fontsize=8, color="gray")
         ax.set_xticks(np.arange(len(entries)))
         ax.set_xticklabels([LABELS[m] + ("\n(1-NN)" if kind != "training" else "")
                             for m, kind in entries], rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 110)
+        ax.set_yticks(range(0, 101, 20))
         ax.set_title(f"{s.dataset} / {s.model}: {_n_images(s)} images, {s.steps} steps × {s.epochs} epochs",
                      fontsize=10)
         ax.grid(axis="y", alpha=0.3)

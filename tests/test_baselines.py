@@ -153,3 +153,16 @@ def test_bad_slots_are_one_clear_sentence(digits, mlp):
         baselines.random_real_steps(digits, 1500, np.array([0]), backend.rng(0))
     with pytest.raises(ValueError, match="unknown baseline 'median'"):
         baselines.baseline_sets("median", mlp, digits, 1, 1, np.array([0]), [None])
+
+
+def test_a_diverging_grid_value_is_never_chosen_and_warns_nothing(digits, mlp):
+    import warnings
+
+    labels = distilled_labels(10, 1)
+    theta0 = mlp.init(backend.rng(0), "float32")
+    pairs = [(baselines.average_steps(digits, 2, labels), theta0)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lr = baselines.tune_lr(mlp.apply, pairs, one_hot(labels, 10, "float32"), 3,
+                               digits.x_train, digits.y_train, lr_grid=(0.3, 1e30))
+    assert lr == 0.3
