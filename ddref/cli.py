@@ -273,8 +273,13 @@ def cmd_table(args):
     if args.jobs == 0:
         raise ValueError("--jobs must be a positive number of workers, or -1 for all cores.")
     out = Path(args.out or ("results" if args.grid == "readme" else f"results/{args.grid}"))
-    table.run_grid(table.GRIDS[args.grid], out, jobs=args.jobs, only=args.only,
-                   progress=not args.no_progress)
+    try:
+        table.run_grid(table.GRIDS[args.grid], out, jobs=args.jobs, only=args.only,
+                       progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"stopped; the finished cells are kept in {out}/cells: run the same command again "
+              f"to compute the rest", file=sys.stderr)
+        return 130
     return 0
 
 
