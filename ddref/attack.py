@@ -171,6 +171,7 @@ def report_lines(report) -> list:
         for when in ("before", "after"):
             r = report[name][when]
             cells = [Accuracy(**r[m]) for m in ("attack_success", "other_classes_accuracy", "accuracy")]
-            label = "distilled" if name == "distilled" else f"relabelled real (lr {report['relabelled_real_lr']:g})"
+            label = ("distilled" if name == "distilled"
+                     else f"relabelled real (lr {report['relabelled_real_lr']:g})")
             lines.append(f"  {label:28s} {when:6s}: " + " | ".join(map(str, cells)))
     return lines

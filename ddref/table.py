@@ -48,7 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 import ddref
-from ddref import backend, baselines, data, nn
+from ddref import baselines, data, nn
 from ddref.evaluate import Accuracy, accuracy_on, held_out_inits, train_full
 
 TRAINING_METHODS = ("distilled", "random_real", "optimised_real", "kmeans", "average")
