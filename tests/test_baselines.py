@@ -166,3 +166,29 @@ def test_a_diverging_grid_value_is_never_chosen_and_warns_nothing(digits, mlp):
         lr = baselines.tune_lr(mlp.apply, pairs, one_hot(labels, 10, "float32"), 3,
                                digits.x_train, digits.y_train, lr_grid=(0.3, 1e30))
     assert lr == 0.3
+
+
+def test_baselines_and_attack_run_on_the_strict_fake_device_and_agree(digits, mlp):
+    from ddref import _cupy, attack
+
+    try:
+        from fake_device import FakeArray, fake_xp
+    except ImportError:
+        from tests.fake_device import FakeArray, fake_xp
+    labels = distilled_labels(10, 1)
+
+    def measure():
+        inits = evaluate.held_out_inits(mlp, 2, 0, "float64")
+        baseline = baselines.run_baseline("kmeans", mlp, digits, 2, 1, labels, inits, n_draws=2,
+                                          tune_draws=1, kmeans_draws=1, kmeans_n_init=1,
+                                          lr_grid=(0.1, 1e30))
+        report = attack.attack_report(mlp, digits, baselines.average_steps(digits, 2, labels),
+                                      labels, np.full((1, 2), 0.1), inits, 0, 1, n_draws=2,
+                                      tune_draws=1, lr_grid=(0.1,))
+        return baseline, report
+
+    on_host = measure()
+    _cupy.install(fake_xp, FakeArray)
+    with backend._using_namespace("fake", fake_xp):
+        on_device = measure()
+    assert on_device == on_host
