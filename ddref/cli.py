@@ -8,6 +8,7 @@
     ddref train --dataset mnist5k --model lenet
     ddref datasets
     ddref download mnist
+    ddref table --grid small --jobs 2   # distilled vs the baselines, one run folder per cell
 """
 
 from __future__ import annotations
