@@ -8,6 +8,7 @@
     ddref train --dataset mnist5k --model lenet
     ddref datasets
     ddref download mnist
+    ddref table --grid small --jobs 2   # distilled vs the baselines, one run folder per cell
 """
 
 from __future__ import annotations
@@ -103,6 +104,14 @@ def _whole_number(minimum):
     return parse
 
 
+def _jobs(text):
+    """An argparse type for --jobs: a whole number ≥ 1, or -1 for every core."""
+    value = _whole_number(-1)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1, or -1 for every core; got 0")
+    return value
+
+
 def _positive_number(text):
     """An argparse type: a positive finite float, else one sentence."""
     try:
@@ -167,6 +176,16 @@ def build_parser():
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("datasets", parents=[common], help="list the data sets and whether each is available now")
+
+    p = sub.add_parser("table", parents=[common],
+                       help="the results grid: distilled vs baselines, one run folder per cell")
+    p.add_argument("--grid", default="readme", help="readme (the README's settings) or small (seconds)")
+    p.add_argument("--out", default=None, help="output folder (default results/, or results/GRID "
+                                               "for a grid other than readme)")
+    p.add_argument("--jobs", type=_jobs, default=1, help="cells computed in parallel (joblib; -1: all cores)")
+    p.add_argument("--only", default=None, help="comma-separated glob patterns of cell names, "
+                                                "e.g. 'digits-mlp-fixed-*'")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("download", parents=[common],
                        help="download a data set's files into the cache and verify them")
@@ -399,9 +418,27 @@ def cmd_download(args):
     return 0
 
 
+def cmd_table(args):
+    from ddref import table
+
+    if args.grid not in table.GRIDS:
+        raise ValueError(f"--grid {args.grid!r} is not a grid; choose one of {', '.join(table.GRIDS)}.")
+    if args.jobs == 0:
+        raise ValueError("--jobs must be a positive number of workers, or -1 for all cores.")
+    out = Path(args.out or ("results" if args.grid == "readme" else f"results/{args.grid}"))
+    try:
+        table.run_grid(table.GRIDS[args.grid], out, jobs=args.jobs, only=args.only,
+                       progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"stopped; the finished cells are kept in {out}/cells: run the same command again "
+              f"to compute the rest", file=sys.stderr)
+        return 130
+    return 0
+
+
 COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show,
             "train": cmd_train, "datasets": cmd_datasets,
-            "download": cmd_download}
+            "download": cmd_download, "table": cmd_table}
 
 
 def main(argv=None):

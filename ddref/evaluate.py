@@ -189,28 +189,15 @@ def sample_real_steps(dataset, steps, labels, rng):
 def random_real_baseline(model, dataset, steps, epochs, labels, theta0=None, n_draws=10,
                          seed=0, dtype="float32", lr_grid=BASELINE_LR_GRID, tune_draws=3):
     """The paper's baseline: ``steps`` groups of random real images with the same labels as
-    the distilled set, trained for the same steps and epochs with one learning rate.  The
-    learning rate is the grid value with the best mean *training-split* accuracy over
-    ``tune_draws`` draws.  Returns (Accuracy on the test split, chosen lr)."""
-    rng = backend.rng(np.random.SeedSequence([seed, 0xBA5E]))
-    targets = one_hot(labels, dataset.num_classes, dtype)
-    inits = ([theta0] * max(n_draws, tune_draws) if theta0 is not None
+    the distilled set, trained for the same steps and epochs with one learning rate, from
+    ``theta0`` or the held-out initialisations.  The learning rate is the grid value with the
+    best mean *training-split* accuracy over the first ``tune_draws`` draws
+    (:mod:`ddref.baselines` holds the logic).  Returns (Accuracy on the test split, chosen lr)."""
+    from ddref import baselines
+
+    inits = ([theta0] if theta0 is not None
              else held_out_inits(model, max(n_draws, tune_draws), seed, dtype))
-
-    def trained(lr, draw):
-        x = sample_real_steps(dataset, steps, labels, rng)
-        lrs = np.full((epochs, steps), lr)
-        return train_on_steps(model.apply, inits[draw], x, targets, lrs)
-
-    def train_split_accuracy(lr):
-        try:
-            accs = [accuracy_on(model.apply, trained(lr, d), dataset.x_train, dataset.y_train)
-                    for d in range(tune_draws)]
-        except TrainingDiverged:        # a learning rate that diverges is the worst choice
-            return -np.inf
-        return np.mean(accs)
-
-    best_lr = max(lr_grid, key=train_split_accuracy)
-    accs = [accuracy_on(model.apply, trained(best_lr, d), dataset.x_test, dataset.y_test)
-            for d in range(n_draws)]
-    return Accuracy.of(accs), float(best_lr)
+    sets = baselines.baseline_sets("random_real", model, dataset, steps, epochs, labels, inits,
+                                   n_draws, seed, lr_grid, tune_draws)
+    return baselines.as_training_data(model, dataset, sets, labels, epochs, inits, lr_grid,
+                                      tune_draws, n_pairs=n_draws)

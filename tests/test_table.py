@@ -1,0 +1,153 @@
+"""`ddref table`: one run folder per cell, a killed run resumed, joblib in parallel."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddref import table
+from ddref.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = table.GRIDS["small"]
+N_CELLS = len(SMALL.cells())
+
+# run `ddref table --grid small --jobs 2`, and kill the whole process group (main process and
+# joblib workers, SIGKILL: no clean-up of any kind) as soon as the first cell is reported done
+KILLED_AFTER_FIRST_CELL = """
+import os, signal, sys
+from ddref import cli, table
+table.cell_done = lambda name: os.killpg(os.getpgid(0), signal.SIGKILL)
+sys.exit(cli.main(["table", "--grid", "small", "--jobs", "2", "--out", sys.argv[1], "--no-progress"]))
+"""
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _results(out):
+    return {p.parent.name: (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in (out / "cells").glob("*/result.json")}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A small grid killed midway, then rerun: (folder, results after the kill, rerun stdout)."""
+    out = tmp_path_factory.mktemp("table")
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_FIRST_CELL, str(out)], env=_env(),
+                            start_new_session=True, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    after_kill = _results(out)
+    rerun = subprocess.run([sys.executable, "-m", "ddref", "table", "--grid", "small", "--jobs", "2",
+                            "--out", str(out), "--no-progress"], env=_env(), capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    return out, after_kill, rerun.stdout
+
+
+def test_a_killed_run_keeps_its_finished_cells_and_writes_no_table(finished):
+    out, after_kill, _ = finished
+    assert 1 <= len(after_kill) < N_CELLS
+    for name in after_kill:   # every stored result is whole
+        assert json.loads(after_kill[name][0])["settings"]["cell"] == name
+
+
+def test_the_rerun_computes_only_the_missing_cells(finished):
+    out, after_kill, stdout = finished
+    assert f"{len(after_kill)} of {N_CELLS} cells already in" in stdout
+    assert f"computing {N_CELLS - len(after_kill)} with 2 job(s)" in stdout
+    now = _results(out)
+    assert set(now) == {c.name for c in SMALL.cells()}
+    for name, (content, mtime) in after_kill.items():   # untouched: same bytes, same write
+        assert now[name] == (content, mtime)
+
+
+def test_the_table_has_every_cell_with_its_provenance(finished):
+    out, _, _ = finished
+    result = json.loads((out / "table.json").read_text())
+    assert result["missing_cells"] == []
+    rows = result["rows"]
+    # 6 training rows and 5 nearest-neighbour rows per init mode
+    assert len(rows) == 2 * (len(table.METHODS) + len(table.TRAINING_METHODS))
+    for row in rows:
+        assert {"mean", "std", "n", "seed", "command"} <= set(row)
+        assert 0.0 <= row["mean"] <= 1.0 and row["n"] >= 1
+        assert row["command"] == f"ddref table --grid small --only {row['cell']}"
+    md = (out / "table.md").read_text()
+    assert "| k-means (1-NN) |" in md and "| full training data |" in md
+    assert (out / "table.png").stat().st_size > 10_000
+
+
+def test_a_deleted_cell_is_recomputed_alone_and_reproduced(finished, tmp_path):
+    out, _, _ = finished
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    name = "digits-mlp-random-kmeans"
+    before = (copy / "cells" / name / "result.json").read_text()
+    subprocess.run(["rm", "-r", str(copy / "cells" / name)], check=True)
+    assert table.run_grid(SMALL, copy, jobs=1, progress=False, log=lambda s: None) == [name]
+    again = json.loads((copy / "cells" / name / "result.json").read_text())
+    assert again["rows"] == json.loads(before)["rows"]          # seeded: the same numbers
+
+
+def test_a_cell_with_other_settings_is_recomputed(finished, tmp_path):
+    out, _, _ = finished
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    path = copy / "cells" / "digits-mlp-fixed-average" / "result.json"
+    stale = json.loads(path.read_text())
+    stale["settings"]["n_draws"] = 99
+    path.write_text(json.dumps(stale))
+    computed = table.run_grid(SMALL, copy, jobs=1, only="*-fixed-average", progress=False,
+                              log=lambda s: None)
+    assert computed == ["digits-mlp-fixed-average"]
+
+
+def test_the_markdown_marks_baselines_the_distilled_set_does_not_beat():
+    def row(method, mean, kind="training"):
+        return {"dataset": "digits", "model": "mlp", "init": "fixed", "method": method,
+                "kind": kind, "mean": mean, "std": 0.0, "n": 1}
+
+    rows = [row("distilled", 0.80), row("random_real", 0.60), row("kmeans", 0.85),
+            row("kmeans", 0.90, "nearest_neighbour"), row("full_data", 0.95)]
+    grid = table.Grid("t", SMALL.settings, inits=("fixed",))
+    md = table.markdown(grid, rows)
+    assert "| random real | 60.0 |" in md and "| full training data | 95.0 |" in md
+    assert "| k-means | 85.0 † |" in md and "| k-means (1-NN) | 90.0 † |" in md
+    assert re.search(r"fixed init \(distilled 80.0\): k-means 85.0; k-means \(1-NN\) 90.0", md)
+
+
+def test_bad_options_are_one_clear_line(capsys, tmp_path):
+    assert main(["table", "--grid", "huge", "--out", str(tmp_path)]) == 2
+    assert "--grid 'huge' is not a grid; choose one of readme, small" in capsys.readouterr().err
+    assert main(["table", "--grid", "small", "--only", "cifar*", "--out", str(tmp_path)]) == 2
+    assert "--only 'cifar*' matches no cell" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="lenet takes 28×28 or 32×32 images"):
+        table.check_grid(table.Grid("bad", (table.Setting("digits", "lenet"),)))
+    with pytest.raises(ValueError, match="need tune_draws ≤ n_draws"):
+        table.check_grid(table.Grid("bad", SMALL.settings, n_draws=1, tune_draws=2))
+
+
+def test_a_killed_distilled_cell_resumes_from_its_checkpoint_exactly(finished, tmp_path, monkeypatch):
+    from ddref.distill import Distiller
+
+    out, _, _ = finished
+    cell = next(c for c in SMALL.cells() if c.name == "digits-mlp-fixed-distilled")
+    folder = tmp_path / "cells" / cell.name
+    config = table.distill_config(SMALL, cell.setting, cell.init)
+    Distiller(config, progress=False).run(iterations=config.iterations // 2,
+                                          checkpoint_path=folder / "checkpoint.npz")
+    started_at, run = [], Distiller.run
+    monkeypatch.setattr(Distiller, "run", lambda self, **kw: started_at.append(self.iteration)
+                        or run(self, **kw))
+    assert table.run_grid(SMALL, tmp_path, jobs=1, only=cell.name, progress=False,
+                          log=lambda s: None) == [cell.name]
+    assert started_at == [config.iterations // 2]
+    resumed = json.loads((folder / "result.json").read_text())["rows"]
+    assert resumed == json.loads((out / "cells" / cell.name / "result.json").read_text())["rows"]
