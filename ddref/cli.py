@@ -24,8 +24,10 @@ from ddref import data
 CONFIG_HELP = {
     "dataset": "data set to distil (see `ddref datasets`)",
     "model": "network: mlp, lenet or convnet",
-    "init": "fixed: one θ0 for the whole run; random: fresh θ0 ~ p(θ0) every iteration",
-    "n_nets": "random init: networks per iteration (meta-gradients averaged)",
+    "init": "fixed: one θ0 for the whole run; random: fresh θ0 ~ p(θ0) every iteration; "
+            "fixed-pretrained: one pre-trained network; random-pretrained: networks drawn from a "
+            "pool of pre-trained ones (see `ddref pretrain`)",
+    "n_nets": "random and random-pretrained init: networks per iteration (meta-gradients averaged)",
     "steps": "gradient steps S, each on its own group of distilled images",
     "epochs": "epochs E: passes over the S steps (same images, new learning rates)",
     "images_per_class": "distilled images of each class in every step",
@@ -47,6 +49,14 @@ CONFIG_HELP = {
     "eval_every": "iterations between test-accuracy points on the curve (0: end only)",
     "eval_inits": "random init: held-out initialisations for the final accuracy",
     "checkpoint_every": "iterations between checkpoints",
+    "source_dataset": "pre-trained init: data set the networks are pre-trained on, brought to "
+                      "--dataset's image shape (adaptation; default: --dataset itself)",
+    "pool_nets": "random-pretrained: networks in the training pool",
+    "pretrained_net": "fixed-pretrained: which network of the training pool is θ0",
+    "pretrain_epochs": "pre-trained pools: Adam epochs on the source training split",
+    "pretrain_lr": "pre-trained pools: Adam learning rate",
+    "train_pool": "recorded by the run (training pool file and checksum); leave unset",
+    "eval_pool": "recorded by the run (held-out pool file and checksum); leave unset",
 }
 
 
@@ -89,7 +99,8 @@ def build_parser():
 
     p = sub.add_parser("evaluate", help="re-train networks on a distilled set and report test accuracy")
     p.add_argument("run", help="run folder or distilled.npz")
-    p.add_argument("--n-inits", type=int, default=None, help="random init: held-out initialisations")
+    p.add_argument("--n-inits", type=int, default=None,
+                   help="random and random-pretrained init: held-out networks")
 
     p = sub.add_parser("show", help="redraw the figures of a run")
     p.add_argument("run", help="run folder")
@@ -104,6 +115,19 @@ def build_parser():
     p.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("datasets", help="list the data sets and whether each is available now")
+
+    p = sub.add_parser("pretrain", help="train (or reuse) a pool of pre-trained networks; --list shows them")
+    p.add_argument("--list", action="store_true", help="list the pools in the cache and stop")
+    p.add_argument("--dataset", default="digits", help="data set to train on (the source)")
+    p.add_argument("--target", default=None,
+                   help="data set whose image shape the networks take (default: --dataset)")
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--nets", type=int, default=20, help="networks in the pool")
+    p.add_argument("--split", default="train", choices=("train", "held-out"),
+                   help="train (seeds 0…) or held-out (seeds 1,000,000…)")
+    p.add_argument("--epochs", type=int, default=10, help="Adam epochs per network")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("download", help="download a data set's files into the cache and verify them")
     p.add_argument("name", help="mnist, usps, svhn or cifar10")
@@ -131,6 +155,9 @@ def cmd_distill(args):
             print(f"replacing the run in {out} (pass --resume to continue it instead)")
         distiller = Distiller(config, progress=not args.no_progress)
     config = distiller.config
+    if distiller.pools is not None and not (args.resume and (out / "pools.json").exists()):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "pools.json").write_text(json.dumps(distiller.pools.records(), indent=1))
     print(f"distilling {config.dataset} for {config.model}: {config.init} init, "
           f"{config.steps} steps × {config.epochs} epochs, {len(distiller.labels)} images per step, "
           f"{config.engine} meta-gradient → {out}")
@@ -142,10 +169,24 @@ def cmd_distill(args):
 
     distilled = distiller.distilled_set()
     distilled.save(out / "distilled.npz")
-    accuracy = distiller.accuracy()
-    baseline, baseline_lr = random_real_baseline(
-        distiller.model, distiller.dataset, config.steps, config.epochs, distiller.labels,
-        theta0=distiller.theta0, n_draws=args.baseline_draws, seed=config.seed, dtype=config.dtype)
+    pretrained_metrics = {}
+    if distiller.pools is not None:
+        from ddref import pretrained
+        from ddref.evaluate import Accuracy
+
+        pretrained_metrics = pretrained.evaluate_run(
+            config, distiller.model, distiller.dataset, distilled.images, distilled.labels,
+            distilled.lrs, distiller.pools, baseline_draws=args.baseline_draws,
+            progress=not args.no_progress)
+        accuracy = Accuracy(**pretrained_metrics["distilled_accuracy"])
+        baseline = Accuracy(**pretrained_metrics["random_real_accuracy"])
+        baseline_lr = pretrained_metrics["random_real_lr"]
+    else:
+        accuracy = distiller.accuracy()
+        baseline, baseline_lr = random_real_baseline(
+            distiller.model, distiller.dataset, config.steps, config.epochs, distiller.labels,
+            theta0=distiller.theta0, n_draws=args.baseline_draws, seed=config.seed,
+            dtype=config.dtype)
     history = distiller.history
     metrics = {
         "distilled_accuracy": dataclasses.asdict(accuracy),
@@ -158,6 +199,7 @@ def cmd_distill(args):
         "final_outer_loss": history.losses[-1] if history.losses else None,
         "history": dataclasses.asdict(history),
         "config": config.to_dict(),
+        **pretrained_metrics,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _draw(out, distilled, history, baseline.mean, distiller.dataset.classes)
@@ -165,6 +207,10 @@ def cmd_distill(args):
     print(f"wrote {out}/distilled.npz, distilled.png, curves.png, metrics.json")
     print(f"test accuracy, {n} distilled images:   {accuracy}")
     print(f"test accuracy, {n} random real images: {baseline} (lr {baseline_lr:g})")
+    if pretrained_metrics:
+        print(f"target test accuracy of the pre-trained networks "
+              f"({pretrained_metrics['evaluated_on']['pool']} pool):")
+        print("\n".join(pretrained.summary_lines(pretrained_metrics)))
     return 0
 
 
@@ -189,6 +235,8 @@ def cmd_evaluate(args):
 
     path = _distilled_path(args.run)
     distilled = DistilledSet.load(path)
+    if distilled.config.get("init") in ("fixed-pretrained", "random-pretrained"):
+        return _evaluate_pretrained(distilled, path, args.n_inits)
     accuracy = held_out_accuracy(distilled, n_inits=args.n_inits)
     print(f"test accuracy of networks trained on {path}: {accuracy}")
     metrics_path = path.parent / "metrics.json"
@@ -199,6 +247,26 @@ def cmd_evaluate(args):
               f"({'reproduced' if same else 'DIFFERENT'})")
         return 0 if same else 1
     return 0
+
+
+def _evaluate_pretrained(distilled, path, n_nets):
+    """Re-evaluate a pre-trained-mode set on its recorded pool; compare with metrics.json."""
+    from ddref import pretrained
+
+    metrics = pretrained.evaluate_saved(distilled, n_nets=n_nets)
+    print(f"target test accuracy of pre-trained networks ({metrics['evaluated_on']['file']}, "
+          f"networks {metrics['evaluated_on']['network_ids']}) with {path}:")
+    print("\n".join(pretrained.summary_lines(metrics)))
+    metrics_path = path.parent / "metrics.json"
+    if not metrics_path.exists() or n_nets is not None:
+        return 0
+    reported = json.loads(metrics_path.read_text())
+    same = all(abs(reported[k]["mean"] - metrics[k]["mean"]) < 1e-9 for k in pretrained.METRIC_NAMES
+               if k in reported)
+    print(f"reported at the end of the run: " + ", ".join(
+        f"{k} {100 * reported[k]['mean']:.2f}%" for k in pretrained.METRIC_NAMES if k in reported)
+        + f" ({'reproduced' if same else 'DIFFERENT'})")
+    return 0 if same else 1
 
 
 def cmd_show(args):
@@ -247,6 +315,34 @@ def cmd_datasets(args):
     return 0
 
 
+def cmd_pretrain(args):
+    from ddref import nn, pretrained
+
+    if args.list:
+        rows = pretrained.list_pools()
+        print(f"pre-trained pools in {pretrained.pool_dir()} (set DDREF_DATA to move it):")
+        for row in rows:
+            if row["ok"]:
+                print(f"  {row['file']}: {row['n_nets']} {row['model']} on {row['source']} "
+                      f"(shape of {row['target']}), {row['split']}, {row['epochs']} epochs, "
+                      f"source test accuracy {row['test_accuracy']}, ddref {row['version']}")
+            else:
+                print(f"  {row['file']}: UNUSABLE: {row['error']}")
+        if not rows:
+            print("  none yet; make one with `ddref pretrain --dataset D --model M --nets N`")
+        return 0
+    target = data.load(args.target or args.dataset)
+    nn.build_model(args.model, target.image_shape, target.num_classes)  # a clear error if it cannot fit
+    spec = pretrained.PoolSpec(source=args.dataset, target=target.name, model=args.model,
+                               image_shape=target.image_shape, num_classes=target.num_classes,
+                               split=args.split, n_nets=args.nets, epochs=args.epochs, lr=args.lr)
+    pool, trained = pretrained.get_pool(spec, progress=not args.no_progress)
+    print(f"{'trained' if trained else 'reusing'} {pool.path}: {len(pool)} networks, source "
+          f"test accuracy {pretrained.Accuracy.of(pool.test_accuracy)}")
+    print(f"  {pool.meta['transform']}")
+    return 0
+
+
 def cmd_download(args):
     paths = data.download(args.name)
     for path in paths:
@@ -257,7 +353,7 @@ def cmd_download(args):
 
 
 COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show,
-            "train": cmd_train, "datasets": cmd_datasets,
+            "train": cmd_train, "datasets": cmd_datasets, "pretrain": cmd_pretrain,
             "download": cmd_download}
 
 

@@ -30,7 +30,9 @@ from ddref.evaluate import Accuracy, Adam, evaluate_distilled, held_out_inits
 from ddref.losses import attack_targets, one_hot
 from ddref.unroll import inverse_softplus, softplus
 
-INIT_MODES = ("fixed", "random")
+INIT_MODES = ("fixed", "random", "fixed-pretrained", "random-pretrained")
+PRETRAINED = ("fixed-pretrained", "random-pretrained")
+SAMPLED = ("random", "random-pretrained")     # modes that draw --n-nets networks every iteration
 OBJECTIVES = ("classify", "attack")
 
 
@@ -71,6 +73,14 @@ class DistillConfig:
     eval_every: int = 100            # test accuracy for the curves (0: only at the end)
     eval_inits: int = 10             # random init: held-out initialisations for the final accuracy
     checkpoint_every: int = 100
+    # pre-trained initialisations (§3.6): pools of networks trained on source_dataset
+    source_dataset: str = ""         # pre-trained modes: data set the pool is trained on ('' = dataset)
+    pool_nets: int = 20              # random-pretrained: networks in the training pool
+    pretrained_net: int = 0          # fixed-pretrained: which network of the training pool is θ0
+    pretrain_epochs: int = 10        # pool training: Adam epochs on the source training split
+    pretrain_lr: float = 1e-3        # pool training: Adam learning rate
+    train_pool: str = ""             # recorded by the run: training pool file and checksum
+    eval_pool: str = ""              # recorded by the run: held-out pool file and checksum
 
     @property
     def num_inner_steps(self):
@@ -92,6 +102,11 @@ class DistillConfig:
             (self.iterations >= 0, f"iterations must be ≥ 0, got {self.iterations}"),
             (self.distill_lr > 0, f"distill_lr must be positive, got {self.distill_lr}"),
             (self.lr > 0, f"lr (the outer Adam learning rate) must be positive, got {self.lr}"),
+            (self.init in PRETRAINED or not self.source_dataset,
+             f"source_dataset needs init fixed-pretrained or random-pretrained, got init {self.init!r}"),
+            (self.pool_nets >= 1 and self.pretrain_epochs >= 1 and self.pretrain_lr > 0,
+             "pool_nets and pretrain_epochs must be at least 1 and pretrain_lr positive"),
+            (self.pretrained_net >= 0, f"pretrained_net must be ≥ 0, got {self.pretrained_net}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -230,8 +245,12 @@ class Distiller:
         self.real_targets_of = self._make_real_targets()
 
         c, h, w = self.dataset.image_shape
-        self.theta0 = (self.model.init(self.rng, dtype, config.init_scheme, config.init_scale)
-                       if config.init == "fixed" else None)
+        self.pools = self._load_pools() if config.init in PRETRAINED else None
+        self.theta0 = None
+        if config.init == "fixed":
+            self.theta0 = self.model.init(self.rng, dtype, config.init_scheme, config.init_scale)
+        elif config.init == "fixed-pretrained":
+            self.theta0 = self.pools.train.network(config.pretrained_net, dtype)
         self.x = backend.normal(self.rng, (config.steps, len(self.labels), c, h, w), 1.0, dtype)
         self.raw_lrs = backend.asarray(
             np.full((config.epochs, config.steps), inverse_softplus(config.distill_lr)), dtype=dtype)
@@ -247,10 +266,21 @@ class Distiller:
             return lambda y: attack_targets(y, k, cfg.source_class, cfg.target_class, cfg.dtype)
         return lambda y: one_hot(y, k, cfg.dtype)
 
+    def _load_pools(self):
+        """The training and held-out pools (trained now if absent), recorded in the config."""
+        from ddref import pretrained
+
+        pools = pretrained.pools_for(self.config, self.dataset, progress=self.progress, log=tqdm.write)
+        self.config.train_pool = pretrained.pool_label(pools.train)
+        self.config.eval_pool = pretrained.pool_label(pools.held_out)
+        return pools
+
     def sample_theta0(self):
         cfg = self.config
-        if cfg.init == "fixed":
+        if cfg.init in ("fixed", "fixed-pretrained"):
             return self.theta0
+        if cfg.init == "random-pretrained":
+            return self.pools.train.network(int(self.rng.integers(len(self.pools.train))), cfg.dtype)
         return self.model.init(self.rng, cfg.dtype, cfg.init_scheme, cfg.init_scale)
 
     def sample_real_batch(self):
@@ -267,7 +297,7 @@ class Distiller:
     def meta_gradient(self):
         """The outer loss and its gradient, averaged over the ``n_nets`` networks."""
         cfg = self.config
-        n_nets = cfg.n_nets if cfg.init == "random" else 1
+        n_nets = cfg.n_nets if cfg.init in SAMPLED else 1
         loss, grad_x, grad_raw = 0.0, 0.0, 0.0
         for _ in range(n_nets):
             theta0 = self.sample_theta0()
@@ -355,8 +385,13 @@ class Distiller:
     def accuracy(self, n_inits=None) -> Accuracy:
         """Test accuracy of networks trained on the current distilled set."""
         n_inits = self.config.eval_inits if n_inits is None else n_inits
+        inits = None
+        if self.config.init == "random-pretrained":
+            inits = self.pools.held_out.networks(range(min(n_inits, len(self.pools.held_out))),
+                                                 self.config.dtype)
         return evaluate_distilled(self.model, self.dataset, self.x, self.labels, self.lrs(),
-                                  theta0=self.theta0, n_inits=n_inits, seed=self.config.seed)
+                                  theta0=self.theta0, n_inits=n_inits, seed=self.config.seed,
+                                  inits=inits)
 
     def distilled_set(self) -> DistilledSet:
         theta0 = None if self.theta0 is None else {k: backend.to_numpy(v) for k, v in self.theta0.items()}

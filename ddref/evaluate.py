@@ -143,12 +143,15 @@ def held_out_inits(model, n, seed, dtype):
     return [model.init(rng, dtype=dtype) for _ in range(n)]
 
 
-def evaluate_distilled(model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10, seed=0):
+def evaluate_distilled(model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10, seed=0,
+                       inits=None):
     """Test accuracy after training on the distilled steps: from ``theta0`` when given
-    (fixed init), else mean ± std over ``n_inits`` held-out random initialisations."""
+    (fixed init), from each of ``inits`` when given (pre-trained networks), else mean ± std
+    over ``n_inits`` held-out random initialisations."""
     dtype = str(np.asarray(backend.to_numpy(x_steps)).dtype)
     targets = one_hot(labels, dataset.num_classes, dtype)
-    inits = [theta0] if theta0 is not None else held_out_inits(model, n_inits, seed, dtype)
+    if inits is None:
+        inits = [theta0] if theta0 is not None else held_out_inits(model, n_inits, seed, dtype)
     accs = [accuracy_on(model.apply, train_on_steps(model.apply, th, x_steps, targets, lrs),
                           dataset.x_test, dataset.y_test) for th in inits]
     return Accuracy.of(accs)
@@ -168,15 +171,20 @@ def sample_real_steps(dataset, steps, labels, rng):
 
 
 def random_real_baseline(model, dataset, steps, epochs, labels, theta0=None, n_draws=10,
-                         seed=0, dtype="float32", lr_grid=BASELINE_LR_GRID, tune_draws=3):
+                         seed=0, dtype="float32", lr_grid=BASELINE_LR_GRID, tune_draws=3,
+                         inits=None):
     """The paper's baseline: ``steps`` groups of random real images with the same labels as
     the distilled set, trained for the same steps and epochs with one learning rate.  The
     learning rate is the grid value with the best mean *training-split* accuracy over
-    ``tune_draws`` draws.  Returns (Accuracy on the test split, chosen lr)."""
+    ``tune_draws`` draws.  Draw d starts from ``inits[d % len(inits)]`` when ``inits`` is
+    given (pre-trained networks).  Returns (Accuracy on the test split, chosen lr)."""
     rng = backend.rng(np.random.SeedSequence([seed, 0xBA5E]))
     targets = one_hot(labels, dataset.num_classes, dtype)
-    inits = ([theta0] * max(n_draws, tune_draws) if theta0 is not None
-             else held_out_inits(model, max(n_draws, tune_draws), seed, dtype))
+    n = max(n_draws, tune_draws)
+    if inits is not None:
+        inits = [inits[d % len(inits)] for d in range(n)]
+    else:
+        inits = [theta0] * n if theta0 is not None else held_out_inits(model, n, seed, dtype)
 
     def trained(lr, draw):
         x = sample_real_steps(dataset, steps, labels, rng)
