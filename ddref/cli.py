@@ -253,14 +253,15 @@ def _evaluate_pretrained(distilled, path, n_nets):
     """Re-evaluate a pre-trained-mode set on its recorded pool; compare with metrics.json."""
     from ddref import pretrained
 
-    metrics = pretrained.evaluate_saved(distilled, n_nets=n_nets)
+    metrics_path = path.parent / "metrics.json"
+    reported = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    draws = reported["random_real_accuracy"]["n"] if reported and n_nets is None else None
+    metrics = pretrained.evaluate_saved(distilled, n_nets=n_nets, baseline_draws=draws)
     print(f"target test accuracy of pre-trained networks ({metrics['evaluated_on']['file']}, "
           f"networks {metrics['evaluated_on']['network_ids']}) with {path}:")
     print("\n".join(pretrained.summary_lines(metrics)))
-    metrics_path = path.parent / "metrics.json"
-    if not metrics_path.exists() or n_nets is not None:
+    if reported is None or n_nets is not None:
         return 0
-    reported = json.loads(metrics_path.read_text())
     same = all(abs(reported[k]["mean"] - metrics[k]["mean"]) < 1e-9 for k in pretrained.METRIC_NAMES
                if k in reported)
     print(f"reported at the end of the run: " + ", ".join(
