@@ -51,7 +51,7 @@ CONFIG_HELP = {
     "checkpoint_every": "iterations between checkpoints",
     "source_dataset": "pre-trained init: data set the networks are pre-trained on, brought to "
                       "--dataset's image shape (adaptation; default: --dataset itself)",
-    "pool_nets": "random-pretrained: networks in the training pool",
+    "pool_nets": "pre-trained init: networks in the training pool (random-pretrained draws from them)",
     "pretrained_net": "fixed-pretrained: which network of the training pool is θ0",
     "pretrain_epochs": "pre-trained pools: Adam epochs on the source training split",
     "pretrain_lr": "pre-trained pools: Adam learning rate",

@@ -106,7 +106,9 @@ class DistillConfig:
              f"source_dataset needs init fixed-pretrained or random-pretrained, got init {self.init!r}"),
             (self.pool_nets >= 1 and self.pretrain_epochs >= 1 and self.pretrain_lr > 0,
              "pool_nets and pretrain_epochs must be at least 1 and pretrain_lr positive"),
-            (self.pretrained_net >= 0, f"pretrained_net must be ≥ 0, got {self.pretrained_net}"),
+            (0 <= self.pretrained_net < self.pool_nets,
+             f"pretrained_net must name a network of the pool, 0…{self.pool_nets - 1}, got "
+             f"{self.pretrained_net}; raise --pool-nets or lower --pretrained-net"),
         ]
         for ok, message in checks:
             if not ok:

@@ -295,9 +295,8 @@ def specs_for(config, target: data.Dataset, held_out_nets=None) -> tuple:
     common = dict(source=source, target=target.name, model=config.model,
                   image_shape=tuple(target.image_shape), num_classes=target.num_classes,
                   epochs=config.pretrain_epochs, lr=config.pretrain_lr)
-    n_train = config.pool_nets if config.init == "random-pretrained" else config.pretrained_net + 1
     n_held = held_out_nets or config.eval_inits
-    return PoolSpec(split="train", n_nets=n_train, **common), \
+    return PoolSpec(split="train", n_nets=config.pool_nets, **common), \
         PoolSpec(split="held-out", n_nets=n_held, **common)
 
 

@@ -206,6 +206,8 @@ def test_recorded_pool_must_match(cache):
 def test_source_dataset_needs_a_pretrained_mode():
     with pytest.raises(ValueError, match="source_dataset needs init fixed-pretrained or random-pretrained"):
         DistillConfig(init="random", source_dataset="digits").validate()
+    with pytest.raises(ValueError, match="pretrained_net must name a network of the pool, 0…19"):
+        DistillConfig(init="fixed-pretrained", pretrained_net=20).validate()
 
 
 def test_pretrained_evaluation_has_the_four_numbers(cache):
@@ -313,10 +315,11 @@ def test_cli_pretrain_list_distill_evaluate(cache, tmp_path, capsys):
 
     out = tmp_path / "run"
     assert cli.main(["distill", "--init", "fixed-pretrained", "--iterations", "2", "--steps", "2",
-                     "--epochs", "1", "--pretrain-epochs", "1", "--eval-inits", "2",
+                     "--epochs", "1", "--pretrain-epochs", "1", "--eval-inits", "2", "--pool-nets", "2",
                      "--eval-every", "0", "--baseline-draws", "2", "--no-progress",
                      "--out", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert "no pre-trained train pool" not in printed      # the pool `ddref pretrain` made is reused
     assert "before_accuracy" in printed and "full_target_accuracy" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["evaluated_on"]["network_ids"] == [0]
