@@ -88,7 +88,7 @@ class PoolSpec:
         d = dataclasses.asdict(self)
         d["image_shape"] = list(self.image_shape)
         d.update(optimiser="adam", betas=list(BETAS), dtype=POOL_DTYPE, init_scheme="xavier",
-                 seeds=f"{self.seeds()[0]}…{self.seeds()[-1]}")
+                 seeds=f"{self.seeds()[0]}…{self.seeds()[-1]}", transform_version=transforms.VERSION)
         return d
 
     def filename(self):

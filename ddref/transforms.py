@@ -10,8 +10,8 @@ pixel space, then standardises the result with its own training statistics:
   ``digits`` 8×8 → ``mnist5k`` 28×28 scales by 20/8 and leaves a 4-pixel margin, and
   ``mnist`` 28×28 → ``usps`` 16×16 scales by 16/20 and crops MNIST's empty margin.
   Resampling is bilinear: a triangle filter, widened by the shrink factor when shrinking
-  (so a downscaled image is averaged, not aliased); beyond the source's border the edge
-  pixels are repeated.
+  (so a downscaled image is averaged, not aliased); beyond the source's frame lies
+  background, pixel value 0 (black: the background of every digit data set here).
 * **channels** — grey → RGB repeats the grey channel; RGB → grey is the ITU-R BT.601
   luma 0.299 R + 0.587 G + 0.114 B.
 * **normalisation** — every data set is standardised per channel with *its own* training
@@ -29,6 +29,9 @@ import math
 import numpy as np
 
 from ddref import data
+
+# bumped whenever what to_shape computes changes: pre-trained pools record it (and are retrained)
+VERSION = 2
 
 # the fraction of the frame a digit fills, per data set (the rest fill the whole frame)
 DIGIT_BOX = {"mnist": 20 / 28, "mnist5k": 20 / 28}
@@ -48,16 +51,20 @@ def resample_matrix(n_in: int, n_out: int, scale: float) -> np.ndarray:
     """The (n_out, n_in) bilinear resampling matrix along one axis: source pixel j is
     spread by ``scale`` and centred in the output.  Output pixel i samples the source at
     u = (i + ½ − offset) / scale − ½ with a triangle filter of half-width max(1, 1/scale);
-    indices outside the source are clamped (edge pixels repeated); rows sum to 1."""
+    weights are normalised over the whole filter, and those falling outside the source are
+    dropped (background 0), so rows sum to 1 inside the frame and fade to 0 beyond it."""
     offset = (n_out - n_in * scale) / 2
     support = max(1.0, 1.0 / scale)
     matrix = np.zeros((n_out, n_in))
     for i in range(n_out):
         u = (i + 0.5 - offset) / scale - 0.5
-        for j in range(math.floor(u - support), math.ceil(u + support) + 1):
-            weight = max(0.0, 1.0 - abs(u - j) / support)
-            matrix[i, min(max(j, 0), n_in - 1)] += weight
-    return matrix / matrix.sum(axis=1, keepdims=True)
+        taps = range(math.floor(u - support), math.ceil(u + support) + 1)
+        weights = [max(0.0, 1.0 - abs(u - j) / support) for j in taps]
+        total = sum(weights)
+        for j, weight in zip(taps, weights):
+            if 0 <= j < n_in:
+                matrix[i, j] += weight / total
+    return matrix
 
 
 def channel_matrix(c_in: int, c_out: int) -> np.ndarray:
@@ -93,7 +100,7 @@ def describe(source: str, source_shape, target: str, target_shape) -> str:
     channels = "" if c == c_out else (", grey repeated into RGB" if c == 1 else ", RGB to grey luma")
     return (f"{source} {c}×{h}×{w} → {c_out}×{h_out}×{w_out}: bilinear ×{scale:.3g}, centred "
             f"(digit box {h * box_fraction(source):.3g} → {h_out * box_fraction(target):.3g} px), "
-            f"edges repeated{channels}; standardised with its own training statistics")
+            f"background 0 beyond the frame{channels}; standardised with its own training statistics")
 
 
 def to_shape(dataset: data.Dataset, target: str, target_shape) -> data.Dataset:

@@ -24,11 +24,18 @@ def test_resample_matrix_is_the_identity_at_scale_one():
 @pytest.mark.parametrize("n_in,n_out,scale", [(8, 28, 2.5), (16, 28, 1.25), (28, 16, 16 / 20),
                                               (32, 28, 20 / 32)])
 def test_resample_rows_are_averages(n_in, n_out, scale):
-    """Every output pixel is a weighted average of source pixels: a constant image stays
-    constant, nothing is created or lost in brightness."""
+    """Inside the source's frame every output pixel is a weighted average of source pixels
+    (a constant image stays constant); beyond it the background 0 blends in."""
     m = transforms.resample_matrix(n_in, n_out, scale)
     assert m.shape == (n_out, n_in) and (m >= 0).all()
-    np.testing.assert_allclose(m.sum(axis=1), 1.0, atol=1e-12)
+    sums = m.sum(axis=1)
+    assert (sums <= 1 + 1e-12).all()
+    centres = (np.arange(n_out) + 0.5 - (n_out - n_in * scale) / 2) / scale - 0.5
+    inside = (centres >= max(1, 1 / scale) - 1) & (centres <= n_in - max(1, 1 / scale))
+    assert inside.sum() >= n_out // 2
+    np.testing.assert_allclose(sums[inside], 1.0, atol=1e-12)
+    outside = (centres < -0.5 - max(1, 1 / scale)) | (centres > n_in - 0.5 + max(1, 1 / scale))
+    assert (sums[outside] == 0).all()
 
 
 def test_digits_land_centred_in_mnist_digit_box():
@@ -40,6 +47,10 @@ def test_digits_land_centred_in_mnist_digit_box():
     assert out.shape == (1, 1, 28, 28)
     rows, cols = np.nonzero(out[0, 0] > 1e-9)
     assert rows.min() >= 4 and rows.max() <= 23 and cols.min() >= 4 and cols.max() <= 23
+    edge = np.zeros((1, 1, 8, 8))
+    edge[0, 0, 7, :] = 1.0                      # ink on the border is not smeared outwards
+    smeared = transforms.transform_pixels(edge, "digits", "mnist5k", (1, 28, 28))
+    assert smeared[0, 0, 25:].max() == 0 and smeared[0, 0, :, :3].max() == 0
     ys, xs = np.indices((28, 28))
     mass = out[0, 0] / out[0, 0].sum()
     assert abs((mass * ys).sum() - 13.5) < 1e-9 and abs((mass * xs).sum() - 13.5) < 1e-9
@@ -80,10 +91,16 @@ def small_spec(split="train", n_nets=2, **overrides):
     return PoolSpec(**values)
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DDREF_DATA", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def cache(shared_cache, monkeypatch):
+    """$DDREF_DATA pointing at a cache the tests of this module share (pools are trained once)."""
+    monkeypatch.setenv("DDREF_DATA", str(shared_cache))
+    return shared_cache
 
 
 def test_same_command_same_bytes(tmp_path):
@@ -332,11 +349,23 @@ def test_cli_pretrain_list_distill_evaluate(cache, tmp_path, capsys):
     assert "reproduced" in capsys.readouterr().out
 
 
-def test_cli_corrupt_pool_is_one_line(cache, capsys):
-    spec = small_spec()
-    pool, _ = pretrained.get_pool(spec, progress=False)
+def test_cli_corrupt_pool_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DDREF_DATA", str(tmp_path))
+    pool, _ = pretrained.get_pool(small_spec(), progress=False)
     pool.path.write_bytes(pool.path.read_bytes()[:100])
     code = cli.main(["pretrain", "--dataset", "digits", "--model", "mlp", "--nets", "2",
                      "--epochs", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "truncated or corrupt" in err
+
+
+@pytest.mark.parametrize("init", ["fixed-pretrained", "random-pretrained"])
+def test_resume_is_exact_in_pretrained_modes(cache, tmp_path, init):
+    config = tiny_config(init, iterations=4)
+    whole = Distiller(config, progress=False).run()
+    checkpoint = tmp_path / "checkpoint.npz"
+    Distiller(tiny_config(init, iterations=4), progress=False).run(iterations=2, checkpoint_path=checkpoint)
+    resumed = Distiller.from_checkpoint(checkpoint, progress=False).run()
+    np.testing.assert_array_equal(resumed.x, whole.x)
+    np.testing.assert_array_equal(resumed.raw_lrs, whole.raw_lrs)
+    assert resumed.history.losses == whole.history.losses
