@@ -1,4 +1,4 @@
-"""The ``ddref`` command line: ``distill``, ``evaluate``, ``show``, ``train``, ``datasets``.
+"""The ``ddref`` command line: ``distill``, ``evaluate``, ``show``, ``train``, ``pretrain``, ``datasets``.
 
     ddref distill                       # digits, mlp, fixed init, 10 steps × 3 epochs
     ddref distill --init random --n-nets 4 --out runs/random
@@ -6,6 +6,9 @@
     ddref evaluate runs/digits-mlp-fixed
     ddref show runs/digits-mlp-fixed
     ddref train --dataset mnist5k --model lenet
+    ddref pretrain --dataset digits --target mnist5k --model lenet --nets 20
+    ddref pretrain --list
+    ddref distill --init random-pretrained --source-dataset digits --dataset mnist5k --model lenet
     ddref datasets
     ddref download mnist
 """

@@ -145,11 +145,6 @@ class Pool:
 # ---------------------------------------------------------------------------- training
 
 
-def source_dataset(source: str, target: str, image_shape, dtype=POOL_DTYPE) -> data.Dataset:
-    """The source data set in the networks' image shape (see :mod:`ddref.transforms`)."""
-    return transforms.to_shape(data.load(source, dtype=dtype), target, image_shape)
-
-
 def train_pool(spec: PoolSpec, dataset: data.Dataset | None = None, progress=True) -> Pool:
     """Train the networks of ``spec``, one per seed, on the source training split."""
     loaded = data.load(spec.source, dtype=POOL_DTYPE) if dataset is None else dataset
@@ -371,29 +366,25 @@ def evaluate(model, target: data.Dataset, x_steps, labels, lrs, nets, seed=0, ba
                                       "optimiser": "adam", "batch_size": BATCH_SIZE}}
 
 
-def evaluation_nets(config, pools: RunPools, n_nets=None):
-    """The networks a pre-trained run is evaluated on, with their ids in their pool."""
-    dtype = config.dtype
+def evaluation_networks(config, pools: RunPools, n_nets=None) -> tuple:
+    """(pool, ids): fixed-pretrained is evaluated on its own network, random-pretrained on
+    the first ``n_nets`` (default ``eval_inits``) networks of the held-out pool."""
     if config.init == "fixed-pretrained":
-        return [pools.train.network(config.pretrained_net, dtype)], ("train", [config.pretrained_net])
-    ids = list(range(n_nets or config.eval_inits))
-    return pools.held_out.networks(ids, dtype), ("held-out", ids)
+        return pools.train, [config.pretrained_net]
+    return pools.held_out, list(range(n_nets or config.eval_inits))
 
 
 def evaluate_run(config, model, target, x_steps, labels, lrs, pools: RunPools, n_nets=None,
                  baseline_draws=None, progress=False) -> dict:
     """:func:`evaluate` on the networks ``config`` is evaluated on, with which ones recorded."""
-    nets, (split, ids) = evaluation_nets(config, pools, n_nets)
+    pool, ids = evaluation_networks(config, pools, n_nets)
     x = backend.asarray(x_steps, dtype=config.dtype)
-    metrics = evaluate(model, target, x, labels, backend.asarray(lrs, dtype=config.dtype), nets,
-                       seed=config.seed, baseline_draws=baseline_draws, progress=progress)
-    metrics["evaluated_on"] = {"pool": split, "file": getattr(pools, _attr(split)).path.name,
+    metrics = evaluate(model, target, x, labels, backend.asarray(lrs, dtype=config.dtype),
+                       pool.networks(ids, config.dtype), seed=config.seed,
+                       baseline_draws=baseline_draws, progress=progress)
+    metrics["evaluated_on"] = {"pool": pool.meta["spec"]["split"], "file": pool.path.name,
                                "network_ids": ids}
     return metrics
-
-
-def _attr(split):
-    return "train" if split == "train" else "held_out"
 
 
 def evaluate_saved(distilled, n_nets=None, baseline_draws=None, progress=True, root=None) -> dict:
