@@ -369,3 +369,11 @@ def test_resume_is_exact_in_pretrained_modes(cache, tmp_path, init):
     np.testing.assert_array_equal(resumed.x, whole.x)
     np.testing.assert_array_equal(resumed.raw_lrs, whole.raw_lrs)
     assert resumed.history.losses == whole.history.losses
+
+
+def test_both_engines_distil_the_same_from_pretrained_networks(cache):
+    """The whole random-pretrained run, naive against backgrad: same draws, same numbers."""
+    runs = [Distiller(tiny_config("random-pretrained", engine=e), progress=False).run()
+            for e in ("naive", "backgrad")]
+    np.testing.assert_allclose(runs[0].history.losses, runs[1].history.losses, rtol=1e-10)
+    np.testing.assert_allclose(runs[0].x, runs[1].x, rtol=0, atol=1e-8)
