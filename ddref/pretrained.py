@@ -258,10 +258,11 @@ def get_pool(spec: PoolSpec, root=None, progress=True, log=print) -> tuple:
             raise PoolError(f"the pool {path} was trained with other settings than its name says; "
                             f"delete it and run the command again.")
         return pool, False
+    source = data.load(spec.source, dtype=POOL_DTYPE)  # one clear error first if it cannot be had
     log(f"no pre-trained {spec.split} pool of {spec.n_nets} {spec.model} networks on "
         f"{spec.source} at {path}: training it now ({spec.epochs} epochs of Adam, lr {spec.lr:g}, "
         f"batch {spec.batch_size}, seeds {spec.seeds()[0]}…{spec.seeds()[-1]}).")
-    return save_pool(train_pool(spec, progress=progress), path), True
+    return save_pool(train_pool(spec, source, progress), path), True
 
 
 def list_pools(root=None) -> list:

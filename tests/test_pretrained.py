@@ -377,3 +377,12 @@ def test_both_engines_distil_the_same_from_pretrained_networks(cache):
             for e in ("naive", "backgrad")]
     np.testing.assert_allclose(runs[0].history.losses, runs[1].history.losses, rtol=1e-10)
     np.testing.assert_allclose(runs[0].x, runs[1].x, rtol=0, atol=1e-8)
+
+
+def test_missing_source_data_is_one_sentence_before_any_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDREF_DATA", str(tmp_path))
+    config = tiny_config("random-pretrained", source_dataset="usps")
+    monkeypatch.setattr(pretrained, "train_pool", lambda *a, **k: pytest.fail("trained anyway"))
+    with pytest.raises(data.DataError, match="run `ddref download usps`"):
+        Distiller(config, progress=False)
+    assert not (tmp_path / "pretrained").exists()
