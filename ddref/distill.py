@@ -75,7 +75,7 @@ class DistillConfig:
     checkpoint_every: int = 100
     # pre-trained initialisations (§3.6): pools of networks trained on source_dataset
     source_dataset: str = ""         # pre-trained modes: data set the pool is trained on ('' = dataset)
-    pool_nets: int = 20              # random-pretrained: networks in the training pool
+    pool_nets: int = 20              # pre-trained modes: networks in the training pool
     pretrained_net: int = 0          # fixed-pretrained: which network of the training pool is θ0
     pretrain_epochs: int = 10        # pool training: Adam epochs on the source training split
     pretrain_lr: float = 1e-3        # pool training: Adam learning rate
