@@ -1,4 +1,4 @@
-"""The ``ddref`` command line: ``distill``, ``evaluate``, ``show``, ``train``, ``datasets``.
+"""The ``ddref`` command line: ``distill``, ``evaluate``, ``show``, ``train``, ``pretrain``, ``datasets``.
 
     ddref distill                       # digits, mlp, fixed init, 10 steps × 3 epochs
     ddref distill --init random --n-nets 4 --out runs/random
@@ -6,6 +6,9 @@
     ddref evaluate runs/digits-mlp-fixed
     ddref show runs/digits-mlp-fixed
     ddref train --dataset mnist5k --model lenet
+    ddref pretrain --dataset digits --target mnist5k --model lenet --nets 20
+    ddref pretrain --list
+    ddref distill --init random-pretrained --source-dataset digits --dataset mnist5k --model lenet
     ddref datasets
     ddref download mnist
     ddref table --grid small --jobs 2   # distilled vs the baselines, one run folder per cell
@@ -28,8 +31,10 @@ from ddref import data
 CONFIG_HELP = {
     "dataset": "data set to distil (see `ddref datasets`)",
     "model": "network: mlp, lenet or convnet",
-    "init": "fixed: one θ0 for the whole run; random: fresh θ0 ~ p(θ0) every iteration",
-    "n_nets": "random init: networks per iteration (meta-gradients averaged)",
+    "init": "fixed: one θ0 for the whole run; random: fresh θ0 ~ p(θ0) every iteration; "
+            "fixed-pretrained: one pre-trained network; random-pretrained: networks drawn from a "
+            "pool of pre-trained ones (see `ddref pretrain`)",
+    "n_nets": "random and random-pretrained init: networks per iteration (meta-gradients averaged)",
     "steps": "gradient steps S, each on its own group of distilled images",
     "epochs": "epochs E: passes over the S steps (same images, new learning rates)",
     "images_per_class": "distilled images of each class in every step",
@@ -57,6 +62,14 @@ CONFIG_HELP = {
              "iteration (for order-independent images)",
     "momentum": "inner-loop momentum β: v ← βv − η̃g, θ ← θ + v (0: plain gradient descent; 0.9 usual)",
     "truncate": "meta-gradient through the last K inner steps only (0: all steps; biased)",
+    "source_dataset": "pre-trained init: data set the networks are pre-trained on, brought to "
+                      "--dataset's image shape (adaptation; default: --dataset itself)",
+    "pool_nets": "pre-trained init: networks in the training pool (random-pretrained draws from them)",
+    "pretrained_net": "fixed-pretrained: which network of the training pool is θ0",
+    "pretrain_epochs": "pre-trained pools: Adam epochs on the source training split",
+    "pretrain_lr": "pre-trained pools: Adam learning rate",
+    "train_pool": "recorded by the run (training pool file and checksum); leave unset",
+    "eval_pool": "recorded by the run (held-out pool file and checksum); leave unset",
 }
 
 
@@ -154,7 +167,7 @@ def build_parser():
                        help="re-train networks on a distilled set and report test accuracy")
     p.add_argument("run", help="run folder or distilled.npz")
     p.add_argument("--n-inits", type=_whole_number(1), default=None,
-                   help="random init: held-out initialisations (default: the run's --eval-inits)")
+                   help="random and random-pretrained init: held-out networks (default: the run's --eval-inits)")
     p.add_argument("--order", choices=("learned", "shuffled", "pool"), default=None,
                    help="train on the steps in their learned order, with the steps shuffled, or "
                         "on the images as an unordered pool by minibatch SGD with a tuned lr")
@@ -186,6 +199,20 @@ def build_parser():
     p.add_argument("--only", default=None, help="comma-separated glob patterns of cell names, "
                                                 "e.g. 'digits-mlp-fixed-*'")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("pretrain", parents=[common],
+                       help="train (or reuse) a pool of pre-trained networks; --list shows them")
+    p.add_argument("--list", action="store_true", help="list the pools in the cache and stop")
+    p.add_argument("--dataset", default="digits", help="data set to train on (the source)")
+    p.add_argument("--target", default=None,
+                   help="data set whose image shape the networks take (default: --dataset)")
+    p.add_argument("--model", default="mlp", help="network: mlp, lenet or convnet (default mlp)")
+    p.add_argument("--nets", type=_whole_number(1), default=20, help="networks in the pool (default 20)")
+    p.add_argument("--split", default="train", choices=("train", "held-out"),
+                   help="train (seeds 0…) or held-out (seeds 1,000,000…)")
+    p.add_argument("--epochs", type=_whole_number(1), default=10, help="Adam epochs per network (default 10)")
+    p.add_argument("--lr", type=_positive_number, default=1e-3, help="Adam learning rate (default 0.001)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("download", parents=[common],
                        help="download a data set's files into the cache and verify them")
@@ -223,6 +250,10 @@ def cmd_distill(args):
         if replace:
             print(f"--force: replaced the run that was in {out}")
     config = distiller.config
+    if distiller.pools is not None and not (args.resume and (out / "pools.json").exists()):
+        from ddref.saved import atomic_write_text
+
+        atomic_write_text(out / "pools.json", json.dumps(distiller.pools.records(), indent=1))
     print(f"distilling {config.dataset} for {config.model}: {config.init} init, "
           f"{config.steps} steps × {config.epochs} epochs, {len(distiller.labels)} images per step, "
           f"{config.engine} meta-gradient → {out}")
@@ -232,7 +263,7 @@ def cmd_distill(args):
         print(f"stopped; continue with: ddref distill --resume --out {out}", file=sys.stderr)
         return 130
     try:
-        _finish_run(out, distiller, args.baseline_draws)
+        _finish_run(out, distiller, args.baseline_draws, progress)
     except KeyboardInterrupt:
         print(f"stopped while evaluating; all {distiller.iteration} iterations are saved in "
               f"{checkpoint}: `ddref distill --resume --out {out}` finishes the run.", file=sys.stderr)
@@ -240,18 +271,33 @@ def cmd_distill(args):
     return 0
 
 
-def _finish_run(out, distiller, baseline_draws):
-    """Evaluate the distilled set against random real images; write the set, metrics, figures."""
+def _finish_run(out, distiller, baseline_draws, progress=True):
+    """Evaluate the distilled set against random real images (and, for an attack, measure the
+    attack against relabelled real images); write the set, metrics, figures."""
     from ddref.evaluate import random_real_baseline
     from ddref.saved import atomic_write_text, json_safe
 
     config = distiller.config
     print("evaluating the distilled set and the random-real baseline …")
     distilled = distiller.distilled_set()
-    accuracy = distiller.accuracy()
-    baseline, baseline_lr = random_real_baseline(
-        distiller.model, distiller.dataset, config.steps, config.epochs, distiller.labels,
-        theta0=distiller.theta0, n_draws=baseline_draws, seed=config.seed, dtype=config.dtype)
+    pretrained_metrics = {}
+    if distiller.pools is not None:
+        from ddref import pretrained
+        from ddref.evaluate import Accuracy
+
+        pretrained_metrics = pretrained.evaluate_run(
+            config, distiller.model, distiller.dataset, distilled.images, distilled.labels,
+            distilled.lrs, distiller.pools, baseline_draws=baseline_draws,
+            progress=progress)
+        accuracy = Accuracy(**pretrained_metrics["distilled_accuracy"])
+        baseline = Accuracy(**pretrained_metrics["random_real_accuracy"])
+        baseline_lr = pretrained_metrics["random_real_lr"]
+    else:
+        accuracy = distiller.accuracy()
+        baseline, baseline_lr = random_real_baseline(
+            distiller.model, distiller.dataset, config.steps, config.epochs, distiller.labels,
+            theta0=distiller.theta0, n_draws=baseline_draws, seed=config.seed,
+            dtype=config.dtype)
     history = distiller.history
     metrics = {
         "distilled_accuracy": dataclasses.asdict(accuracy),
@@ -264,7 +310,15 @@ def _finish_run(out, distiller, baseline_draws):
         "final_outer_loss": history.losses[-1] if history.losses else None,
         "history": dataclasses.asdict(history),
         "config": config.to_dict(),
+        **pretrained_metrics,
     }
+    if config.objective == "attack":
+        from ddref import attack
+
+        metrics["attack"] = attack.attack_report(
+            distiller.model, distiller.dataset, distilled.images, distilled.labels, distilled.lrs,
+            distiller.evaluation_networks(), config.source_class, config.target_class,
+            n_draws=baseline_draws, seed=config.seed)
     distilled.save(out / "distilled.npz")
     _draw(out, distilled, history, baseline.mean)
     atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=1))
@@ -273,6 +327,12 @@ def _finish_run(out, distiller, baseline_draws):
           f"(checkpoint.npz stays: --resume --iterations N continues the run)")
     print(f"test accuracy, {n} distilled images:   {accuracy}")
     print(f"test accuracy, {n} random real images: {baseline} (lr {baseline_lr:g})")
+    if pretrained_metrics:
+        print(f"target test accuracy of the pre-trained networks "
+              f"({pretrained_metrics['evaluated_on']['pool']} pool):")
+        print("\n".join(pretrained.summary_lines(pretrained_metrics)))
+    if "attack" in metrics:
+        print("\n".join(attack.report_lines(metrics["attack"])))
 
 
 def _draw(out, distilled, history, baseline, stem=""):
@@ -314,6 +374,8 @@ def cmd_evaluate(args):
     distilled = DistilledSet.load(path)
     if args.order is not None or args.model is not None:
         return _evaluate_reuse(distilled, path, args)
+    if distilled.config.get("init") in ("fixed-pretrained", "random-pretrained"):
+        return _evaluate_pretrained(distilled, path, args.n_inits)
     accuracy = held_out_accuracy(distilled, n_inits=args.n_inits, source=str(path))
     print(f"test accuracy of networks trained on {path}: {accuracy}")
     metrics_path = path.parent / "metrics.json"
@@ -355,6 +417,27 @@ def _evaluate_reuse(distilled, path, args):
                                         momentum=config.momentum)
     print(f"test accuracy, {order} order{f' (tuned lr {lr:g})' if lr else ''}: {accuracy}")
     return 0
+
+
+def _evaluate_pretrained(distilled, path, n_nets):
+    """Re-evaluate a pre-trained-mode set on its recorded pool; compare with metrics.json."""
+    from ddref import pretrained
+
+    metrics_path = path.parent / "metrics.json"
+    reported = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    draws = reported["random_real_accuracy"]["n"] if reported and n_nets is None else None
+    metrics = pretrained.evaluate_saved(distilled, n_nets=n_nets, baseline_draws=draws)
+    print(f"target test accuracy of pre-trained networks ({metrics['evaluated_on']['file']}, "
+          f"networks {metrics['evaluated_on']['network_ids']}) with {path}:")
+    print("\n".join(pretrained.summary_lines(metrics)))
+    if reported is None or n_nets is not None:
+        return 0
+    same = all(abs(reported[k]["mean"] - metrics[k]["mean"]) < 1e-9 for k in pretrained.METRIC_NAMES
+               if k in reported)
+    print(f"reported at the end of the run: " + ", ".join(
+        f"{k} {100 * reported[k]['mean']:.2f}%" for k in pretrained.METRIC_NAMES if k in reported)
+        + f" ({'reproduced' if same else 'DIFFERENT'})")
+    return 0 if same else 1
 
 
 def cmd_show(args):
@@ -409,6 +492,34 @@ def cmd_datasets(args):
     return 0
 
 
+def cmd_pretrain(args):
+    from ddref import nn, pretrained
+
+    if args.list:
+        rows = pretrained.list_pools()
+        print(f"pre-trained pools in {pretrained.pool_dir()} (set DDREF_DATA to move it):")
+        for row in rows:
+            if row["ok"]:
+                print(f"  {row['file']}: {row['n_nets']} {row['model']} on {row['source']} "
+                      f"(shape of {row['target']}), {row['split']}, {row['epochs']} epochs, "
+                      f"source test accuracy {row['test_accuracy']}, ddref {row['version']}")
+            else:
+                print(f"  {row['file']}: UNUSABLE: {row['error']}")
+        if not rows:
+            print("  none yet; make one with `ddref pretrain --dataset D --model M --nets N`")
+        return 0
+    target = data.load(args.target or args.dataset)
+    nn.build_model(args.model, target.image_shape, target.num_classes)  # a clear error if it cannot fit
+    spec = pretrained.PoolSpec(source=args.dataset, target=target.name, model=args.model,
+                               image_shape=target.image_shape, num_classes=target.num_classes,
+                               split=args.split, n_nets=args.nets, epochs=args.epochs, lr=args.lr)
+    pool, trained = pretrained.get_pool(spec, progress=not args.no_progress)
+    print(f"{'trained' if trained else 'reusing'} {pool.path}: {len(pool)} networks, source "
+          f"test accuracy {pretrained.Accuracy.of(pool.test_accuracy)}")
+    print(f"  {pool.meta['transform']}")
+    return 0
+
+
 def cmd_download(args):
     paths = data.download(args.name)
     for path in paths:
@@ -437,7 +548,7 @@ def cmd_table(args):
 
 
 COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show,
-            "train": cmd_train, "datasets": cmd_datasets,
+            "train": cmd_train, "datasets": cmd_datasets, "pretrain": cmd_pretrain,
             "download": cmd_download, "table": cmd_table}
 
 

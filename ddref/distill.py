@@ -33,7 +33,9 @@ from ddref.saved import (DistilledSet, SavedFileError, atomic_savez, json_field,
                          json_safe)
 from ddref.unroll import inverse_softplus, softplus
 
-INIT_MODES = ("fixed", "random")
+INIT_MODES = ("fixed", "random", "fixed-pretrained", "random-pretrained")
+PRETRAINED = ("fixed-pretrained", "random-pretrained")
+SAMPLED = ("random", "random-pretrained")     # modes that draw --n-nets networks every iteration
 OBJECTIVES = ("classify", "attack")
 
 
@@ -77,6 +79,14 @@ class DistillConfig:
     order: str = "learned"           # 'learned': steps in their order; 'random': a new order every iteration
     momentum: float = 0.0            # β of the inner loop: v ← βv − η̃g, θ ← θ + v (0: plain GD)
     truncate: int = 0                # meta-gradient through the last K inner steps only (0: all)
+    # pre-trained initialisations (§3.6): pools of networks trained on source_dataset
+    source_dataset: str = ""         # pre-trained modes: data set the pool is trained on ('' = dataset)
+    pool_nets: int = 20              # pre-trained modes: networks in the training pool
+    pretrained_net: int = 0          # fixed-pretrained: which network of the training pool is θ0
+    pretrain_epochs: int = 10        # pool training: Adam epochs on the source training split
+    pretrain_lr: float = 1e-3        # pool training: Adam learning rate
+    train_pool: str = ""             # recorded by the run: training pool file and checksum
+    eval_pool: str = ""              # recorded by the run: held-out pool file and checksum
 
     @property
     def num_inner_steps(self):
@@ -99,7 +109,8 @@ class DistillConfig:
             (self.source_class != self.target_class or self.objective != "attack", "target_class",
              "must differ from --source-class for an attack"),
         ]
-        for name in ("steps", "epochs", "images_per_class", "batch_size", "n_nets", "eval_inits"):
+        for name in ("steps", "epochs", "images_per_class", "batch_size", "n_nets", "eval_inits",
+                     "pool_nets", "pretrain_epochs"):
             checks.append((getattr(self, name) >= 1, name, "must be at least 1"))
         for name in ("iterations", "decay_every", "eval_every", "checkpoint_every",
                      "source_class", "target_class"):
@@ -118,6 +129,14 @@ class DistillConfig:
              f"must be between 0 (no truncation) and the {self.num_inner_steps} inner steps"),
             (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
              "must be two numbers in [0, 1), e.g. --betas 0.5 0.999"),
+            (self.init in PRETRAINED or not self.source_dataset, "source_dataset",
+             "needs --init fixed-pretrained or random-pretrained"),
+            (not self.source_dataset or _known_dataset(self.source_dataset), "source_dataset",
+             "must name a data set listed by `ddref datasets`"),
+            (0 < self.pretrain_lr < math.inf, "pretrain_lr", "must be a positive finite number"),
+            (0 <= self.pretrained_net < self.pool_nets, "pretrained_net",
+             f"must name a network of the pool, 0 … {self.pool_nets - 1}; raise --pool-nets or "
+             f"lower --pretrained-net"),
         ]
         for ok, name, rule in checks:
             if not ok:
@@ -214,8 +233,12 @@ class Distiller:
                                  f"{self.dataset.name} (0 … {self.dataset.num_classes - 1}).")
 
         c, h, w = self.dataset.image_shape
-        self.theta0 = (self.model.init(self.rng, dtype, config.init_scheme, config.init_scale)
-                       if config.init == "fixed" else None)
+        self.pools = self._load_pools() if config.init in PRETRAINED else None
+        self.theta0 = None
+        if config.init == "fixed":
+            self.theta0 = self.model.init(self.rng, dtype, config.init_scheme, config.init_scale)
+        elif config.init == "fixed-pretrained":
+            self.theta0 = self.pools.train.network(config.pretrained_net, dtype)
         self.x = backend.normal(self.rng, (config.steps, len(self.labels), c, h, w), 1.0, dtype)
         self.raw_lrs = backend.asarray(
             np.full((config.epochs, config.steps), inverse_softplus(config.distill_lr)), dtype=dtype)
@@ -243,10 +266,21 @@ class Distiller:
             return lambda y: attack_targets(y, k, cfg.source_class, cfg.target_class, cfg.dtype)
         return lambda y: one_hot(y, k, cfg.dtype)
 
+    def _load_pools(self):
+        """The training and held-out pools (trained now if absent), recorded in the config."""
+        from ddref import pretrained
+
+        pools = pretrained.pools_for(self.config, self.dataset, progress=self.progress, log=tqdm.write)
+        self.config.train_pool = pretrained.pool_label(pools.train)
+        self.config.eval_pool = pretrained.pool_label(pools.held_out)
+        return pools
+
     def sample_theta0(self):
         cfg = self.config
-        if cfg.init == "fixed":
+        if cfg.init in ("fixed", "fixed-pretrained"):
             return self.theta0
+        if cfg.init == "random-pretrained":
+            return self.pools.train.network(int(self.rng.integers(len(self.pools.train))), cfg.dtype)
         return self.model.init(self.rng, cfg.dtype, cfg.init_scheme, cfg.init_scale)
 
     def sample_real_batch(self):
@@ -263,7 +297,7 @@ class Distiller:
     def meta_gradient(self):
         """The outer loss and its gradient, averaged over the ``n_nets`` networks."""
         cfg = self.config
-        n_nets = cfg.n_nets if cfg.init == "random" else 1
+        n_nets = cfg.n_nets if cfg.init in SAMPLED else 1
         loss, grad_x, grad_raw = 0.0, 0.0, 0.0
         for _ in range(n_nets):
             theta0 = self.sample_theta0()
@@ -423,10 +457,21 @@ class Distiller:
 
     def accuracy(self, n_inits=None) -> Accuracy:
         """Test accuracy of networks trained on the current distilled set."""
-        n_inits = self.config.eval_inits if n_inits is None else n_inits
         return evaluate_distilled(self.model, self.dataset, self.x, self.labels, self.lrs(),
-                                  theta0=self.theta0, n_inits=n_inits, seed=self.config.seed,
-                                  momentum=self.config.momentum)
+                                  momentum=self.config.momentum,
+                                  inits=self.evaluation_networks(n_inits))
+
+    def evaluation_networks(self, n=None):
+        """The θ0 of the networks a finished set is judged on: the fixed θ0 (fixed and
+        fixed-pretrained), networks of the held-out pool (random-pretrained), or held-out
+        random initialisations (random)."""
+        cfg = self.config
+        n = cfg.eval_inits if n is None else n
+        if self.theta0 is not None:
+            return [self.theta0]
+        if cfg.init == "random-pretrained":
+            return self.pools.held_out.networks(range(min(n, len(self.pools.held_out))), cfg.dtype)
+        return held_out_inits(self.model, n, cfg.seed, cfg.dtype)
 
     def distilled_set(self) -> DistilledSet:
         theta0 = None if self.theta0 is None else {k: backend.to_numpy(v) for k, v in self.theta0.items()}

@@ -162,12 +162,14 @@ def held_out_inits(model, n, seed, dtype):
 
 
 def evaluate_distilled(model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10, seed=0,
-                       momentum=0.0):
+                       momentum=0.0, inits=None):
     """Test accuracy after training on the distilled steps: from ``theta0`` when given
-    (fixed init), else mean ± std over ``n_inits`` held-out random initialisations."""
+    (fixed init), from each of ``inits`` when given (pre-trained networks), else mean ± std
+    over ``n_inits`` held-out random initialisations."""
     dtype = str(np.asarray(backend.to_numpy(x_steps)).dtype)
     targets = one_hot(labels, dataset.num_classes, dtype)
-    inits = [theta0] if theta0 is not None else held_out_inits(model, n_inits, seed, dtype)
+    if inits is None:
+        inits = [theta0] if theta0 is not None else held_out_inits(model, n_inits, seed, dtype)
     accs = [accuracy_on(model.apply, train_on_steps(model.apply, th, x_steps, targets, lrs, momentum),
                           dataset.x_test, dataset.y_test) for th in inits]
     return Accuracy.of(accs)
@@ -187,16 +189,21 @@ def sample_real_steps(dataset, steps, labels, rng):
 
 
 def random_real_baseline(model, dataset, steps, epochs, labels, theta0=None, n_draws=10,
-                         seed=0, dtype="float32", lr_grid=BASELINE_LR_GRID, tune_draws=3):
+                         seed=0, dtype="float32", lr_grid=BASELINE_LR_GRID, tune_draws=3,
+                         inits=None):
     """The paper's baseline: ``steps`` groups of random real images with the same labels as
     the distilled set, trained for the same steps and epochs with one learning rate, from
-    ``theta0`` or the held-out initialisations.  The learning rate is the grid value with the
+    ``theta0``, the networks ``inits`` (draw d from ``inits[d % len(inits)]``; pre-trained
+    networks) or held-out initialisations.  The learning rate is the grid value with the
     best mean *training-split* accuracy over the first ``tune_draws`` draws
     (:mod:`ddref.baselines` holds the logic).  Returns (Accuracy on the test split, chosen lr)."""
     from ddref import baselines
 
-    inits = ([theta0] if theta0 is not None
-             else held_out_inits(model, max(n_draws, tune_draws), seed, dtype))
+    n = max(n_draws, tune_draws)
+    if inits is not None:
+        inits = [inits[d % len(inits)] for d in range(n)]
+    else:
+        inits = [theta0] if theta0 is not None else held_out_inits(model, n, seed, dtype)
     sets = baselines.baseline_sets("random_real", model, dataset, steps, epochs, labels, inits,
                                    n_draws, seed, lr_grid, tune_draws)
     return baselines.as_training_data(model, dataset, sets, labels, epochs, inits, lr_grid,

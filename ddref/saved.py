@@ -212,7 +212,8 @@ class DistilledSet:
 
 # ---------------------------------------------------------------------------- the run folder
 
-RUN_FILES = ("distilled.npz", "distilled.png", "curves.png", "metrics.json", "checkpoint.npz")
+RUN_FILES = ("distilled.npz", "distilled.png", "curves.png", "metrics.json", "checkpoint.npz",
+             "pools.json")
 
 
 def _is_run_file(name):
