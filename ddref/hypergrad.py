@@ -29,7 +29,8 @@ import autograd.numpy as anp
 from autograd import make_vjp, value_and_grad
 
 from ddref.losses import cross_entropy
-from ddref.unroll import check_schedule, descend, inner_grad, softplus, step_schedule, unroll
+from ddref.unroll import (check_schedule, descend, inner_grad, loss_and_grad, softplus, step_schedule,
+                          unroll)
 
 ENGINES = ("naive", "backgrad")
 
@@ -76,30 +77,41 @@ def backgrad(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets,
     """Back-gradient: store θ_t on the way forward, then one VJP of the step map per step."""
     lrs = softplus(raw_lrs)
     schedule = step_schedule(*check_schedule(x_distilled, raw_lrs))
+    thetas = train_keeping_weights(apply, theta0, x_distilled, targets, lrs, schedule, loss)
+    outer_loss, v = loss_and_grad(apply, thetas[-1], x_real, real_targets, loss)   # v = ∂L/∂θ_T
+    grad_x, grad_lrs = reverse_pass(apply, thetas, x_distilled, targets, lrs, schedule, v, loss)
+    return MetaGradient(float(outer_loss), grad_x, grad_lrs * _softplus_derivative(raw_lrs))
 
-    # forward: plain gradient descent, keeping only the weights
+
+def train_keeping_weights(apply, theta0, x_distilled, targets, lrs, schedule, loss=cross_entropy):
+    """Forward: plain gradient descent along ``schedule``, keeping only θ_0 … θ_T."""
     thetas = [theta0]
     for e, s in schedule:
         grads = inner_grad(apply, thetas[-1], x_distilled[s], targets, loss)
         thetas.append(descend(thetas[-1], grads, lrs[e, s]))
+    return thetas
 
-    outer_loss, v = value_and_grad(outer_loss_of_params, 1)(apply, thetas[-1], x_real, real_targets, loss)
 
-    # backward: v holds ∂L/∂θ_{t+1}; turn it into ∂L/∂θ_t step by step
+def reverse_pass(apply, thetas, x_distilled, targets, lrs, schedule, v, loss=cross_entropy):
+    """Backward: v holds ∂L/∂θ_{t+1}; turn it into ∂L/∂θ_t step by step, collecting
+    ∂L/∂x̃ and ∂L/∂η̃ on the way.  Returns (∂L/∂x̃, ∂L/∂η̃)."""
     grad_x_steps = [anp.zeros_like(x_distilled[0]) for _ in range(x_distilled.shape[0])]
     grad_lrs = anp.zeros_like(lrs)
     for t in reversed(range(len(schedule))):
         e, s = schedule[t]
-        pull_back, g = make_vjp(_grad_wrt_params_and_images, 0)(
-            (thetas[t], x_distilled[s]), apply, targets, loss)
-        h_params, h_images = pull_back(v)
-        lr = lrs[e, s]
-        grad_lrs[e, s] = -sum(anp.vdot(g[k], v[k]) for k in v)
-        grad_x_steps[s] = grad_x_steps[s] - lr * h_images
-        v = {k: v[k] - lr * h_params[k] for k in v}
+        v, h_images, grad_lrs[e, s] = reverse_step(apply, thetas[t], x_distilled[s], targets,
+                                                   lrs[e, s], v, loss)
+        grad_x_steps[s] = grad_x_steps[s] + h_images
+    return anp.stack(grad_x_steps), grad_lrs
 
-    grad_raw = grad_lrs * _softplus_derivative(raw_lrs)
-    return MetaGradient(float(outer_loss), anp.stack(grad_x_steps), grad_raw)
+
+def reverse_step(apply, theta, images, targets, lr, v, loss=cross_entropy):
+    """The VJP of one step θ' = θ − η g(θ, x̃) with g = ∇θ ℓ, at v = ∂L/∂θ':
+    returns (∂L/∂θ, this step's ∂L/∂x̃, ∂L/∂η) = (v − η Hθ v, −η (∂g/∂x̃)ᵀ v, −⟨g, v⟩)."""
+    pull_back, g = make_vjp(_grad_wrt_params_and_images, 0)((theta, images), apply, targets, loss)
+    h_params, h_images = pull_back(v)
+    grad_lr = -sum(anp.vdot(g[k], v[k]) for k in v)
+    return {k: v[k] - lr * h_params[k] for k in v}, -lr * h_images, grad_lr
 
 
 def _grad_wrt_params_and_images(params_and_images, apply, targets, loss):
