@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import autograd.numpy as anp
 from autograd import make_vjp, value_and_grad
 
+from ddref import fused
 from ddref.losses import cross_entropy
 from ddref.unroll import (check_schedule, descend, inner_grad, loss_and_grad, softplus, step_schedule,
                           unroll)
@@ -108,8 +109,12 @@ def reverse_pass(apply, thetas, x_distilled, targets, lrs, schedule, v, loss=cro
 def reverse_step(apply, theta, images, targets, lr, v, loss=cross_entropy):
     """The VJP of one step θ' = θ − η g(θ, x̃) with g = ∇θ ℓ, at v = ∂L/∂θ':
     returns (∂L/∂θ, this step's ∂L/∂x̃, ∂L/∂η) = (v − η Hθ v, −η (∂g/∂x̃)ᵀ v, −⟨g, v⟩)."""
-    pull_back, g = make_vjp(_grad_wrt_params_and_images, 0)((theta, images), apply, targets, loss)
-    h_params, h_images = pull_back(v)
+    fast = fused.gradient_for(apply, loss)
+    if fast is not None:                       # the same products, written out (ddref.fused)
+        g, h_params, h_images = fast.grad_and_vjp(theta, images, targets, v)
+    else:
+        pull_back, g = make_vjp(_grad_wrt_params_and_images, 0)((theta, images), apply, targets, loss)
+        h_params, h_images = pull_back(v)
     grad_lr = -sum(anp.vdot(g[k], v[k]) for k in v)
     return {k: v[k] - lr * h_params[k] for k in v}, -lr * h_images, grad_lr
 

@@ -51,17 +51,17 @@ def inner_grad(apply, params, x, targets, loss=cross_entropy):
     Plainly, autograd's gradient of :func:`inner_loss`.  When the model describes itself as
     layers (:mod:`ddref.fused`), the same gradient written out as backpropagation: the same
     numbers, much less autograd bookkeeping (tests/test_fused.py)."""
-    fast = fused.value_and_grad_for(apply, loss)
+    fast = fused.gradient_for(apply, loss)
     if fast is not None:
-        return fast(params, x, targets)[1]
+        return fast.grad(params, x, targets)
     return _inner_grad(apply, params, x, targets, loss)
 
 
 def loss_and_grad(apply, params, x, targets, loss=cross_entropy):
     """(ℓ(x, θ), ∇θ ℓ(x, θ)): :func:`inner_loss` and :func:`inner_grad` in one pass."""
-    fast = fused.value_and_grad_for(apply, loss)
+    fast = fused.gradient_for(apply, loss)
     if fast is not None:
-        return fast(params, x, targets)
+        return fast.value_and_grad(params, x, targets)
     return _inner_value_and_grad(apply, params, x, targets, loss)
 
 
