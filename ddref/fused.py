@@ -1,35 +1,39 @@
-"""The fast path: the inner gradient ∇θ ℓ written out by hand, beside the plain composition.
+"""The fast path: the inner gradient ∇θ ℓ and its derivatives written out by hand, beside
+the plain composition.
 
-The plain path (what a reader should read first) is ``autograd.grad`` of
-``loss(model.apply(θ, x), targets)``: autograd records every small operation of the
-forward pass and walks the record backwards.  The meta-gradient then differentiates that
-gradient again, so each inner step is traced at two levels, dozens of Python-level nodes
-per layer.
+The plain path (read it first) is ``autograd.grad`` of ``loss(model.apply(θ, x), targets)``:
+autograd records every small operation of the forward pass and walks the record back.
+The meta-gradient then differentiates that gradient again, so every inner step is traced
+at two levels — about 80 autograd nodes per step for the MLP, 200 for LeNet.
 
-Here the same gradient is written as ordinary backpropagation, layer by layer, from the
-same differentiable primitives (``nn.matmul``, ``nn.im2col`` / ``nn.col2im``, constant
-masks).  So:
+Here the same numbers come from three hand-written passes over a model described as layers
+(``apply.layers``, set in :mod:`ddref.nn`):
 
-* evaluating it traces nothing: the forward pass of back-gradient is plain numpy;
-* differentiating it — the Hessian-vector products of back-gradient, the naive engine —
-  is one level of tracing, and exact to every order, because every piece is built from
-  primitives whose derivatives are exact.
+* :func:`network_value_and_grad` — backpropagation: ℓ and g = ∇θ ℓ;
+* :func:`network_grad_and_hvp`  — forward-over-reverse (Pearlmutter's R-operator): along a
+  parameter direction θ̇, the derivatives of (∇θ ℓ, ∇x ℓ, ∇t ℓ).  Second derivatives are
+  symmetric, so these are the vector–Jacobian products of g with respect to θ, the images
+  x and the targets t at the cotangent θ̇ — exactly what back-gradient's reverse step needs;
+* ``_grads`` — g as *one* autograd primitive whose VJP is the previous pass, so the naive
+  engine traces one node per inner step instead of a whole backward pass.
 
-A model opts in by describing itself as a sequence of layers (``apply.layers``, set in
-:mod:`ddref.nn`); :func:`value_and_grad_for` then returns the hand-written gradient for a
-loss it knows (cross-entropy, squared error), and ``None`` otherwise, in which case
-:mod:`ddref.unroll` uses the plain path.  ``with fused.plain(): ...`` switches the fast
-path off.  tests/test_fused.py checks that both paths agree in value, first and second
-derivatives to 1e-10 in float64.
+Every pass is built from differentiable primitives (``nn.matmul``, the patch matrices
+below and their adjoints, constant relu masks and max-pool routings), so tracing through
+them again — a third derivative — is still exact.  :func:`gradient_for` returns the fast
+gradient of a model and loss (cross-entropy, squared error) or ``None``, and
+:mod:`ddref.unroll` / :mod:`ddref.hypergrad` then use the plain path; ``with fused.plain():``
+switches the fast path off.  tests/test_fused.py checks that both paths agree in value,
+first and second derivatives to 1e-10 in float64.
 
-Layers (each ``forward(params, h) -> (out, cache)`` and ``backward(params, cache, g,
-need_input_grad) -> (g_h, {name: ∂ℓ/∂param})``):
+Layers: ``forward`` / ``backward`` (backpropagation) and ``tangent`` / ``backward_tangent``
+(the same two passes differentiated along θ̇).
 
 =================  ===========================================================
-``ToNHWC``         channels last, as the models' ``apply`` does
 ``Flatten``        (N, …) → (N, features)
 ``Dense``          h w + b, optionally followed by relu
-``ConvReluPool``   conv (im2col + one matrix product) → relu → 2×2 max-pool, NHWC
+``ToCNHW``         images to channel-major (C, N, H, W), the layout the convolutions use
+``ConvReluPool``   conv (patch matrix + one matrix product) → relu → 2×2 max-pool
+``FlattenCNHW``    channel-major activations → (N, features) in ``nn.flatten``'s NHWC order
 =================  ===========================================================
 """
 
@@ -40,7 +44,7 @@ from dataclasses import dataclass
 
 import autograd.numpy as anp
 from autograd.builtins import dict as traced_dict
-from autograd.extend import defvjp_argnums, primitive
+from autograd.extend import defvjp, defvjp_argnums, primitive
 from autograd.tracer import getval
 
 from ddref import backend, losses, nn
@@ -113,25 +117,6 @@ LOSSES = {losses.cross_entropy: CrossEntropy, losses.squared_error: SquaredError
 #   tangent(θ, θ̇, cache, ḣ)            -> (ouṫ, tcache)          ḣ None: the input does not move
 #   backward(θ, cache, g, need)        -> (g_h, {name: ∂ℓ/∂param})
 #   backward_tangent(θ, θ̇, cache, tcache, g, ġ, need) -> (g_h, ġ_h, grads, ġrads)
-
-
-class ToNHWC:
-    params = ()
-
-    def forward(self, params, h):
-        return nn.to_nhwc(h), None
-
-    def tangent(self, params, dparams, cache, h_dot):
-        return (None if h_dot is None else nn.to_nhwc(h_dot)), None
-
-    def backward(self, params, cache, g, need_input_grad):
-        return (nn.to_nchw(g) if need_input_grad else None), {}
-
-    def backward_tangent(self, params, dparams, cache, tcache, g, g_dot, need_input_grad):
-        return nn.to_nchw(g), nn.to_nchw(g_dot), {}, {}
-
-    def __repr__(self):
-        return "ToNHWC()"
 
 
 class Flatten:
@@ -209,9 +194,113 @@ class Dense:
         return g_h, g_h_dot, grads, dgrads
 
 
+# Convolutions run channel-major: activations (C, N, H, W) and a patch matrix (kh·kw·C, N·Ho·Wo)
+# whose rows are contiguous shifted copies of the input.  Building it is kh·kw block copies,
+# its adjoint kh·kw block additions, and the convolution one wide matrix product
+# (O, kh·kw·C) @ (kh·kw·C, N·Ho·Wo) whose result is again channel-major.  (The plain
+# ``nn.conv2d_nhwc`` builds (N·Ho·Wo, C·kh·kw) patches, whose copy and adjoint are strided.)
+
+
+@primitive
+def patches_cnhw(x, kh, kw, pad=0):
+    """The stride-1 patch matrix of x (C, N, H, W): row (i, j, c), column (n, y, x) holds
+    x_padded[c, n, y + i, x + j].  Linear in x; its adjoint is :func:`patches_cnhw_adjoint`."""
+    xp = backend.xp()
+    c, n, h, w = x.shape
+    ho, wo = h + 2 * pad - kh + 1, w + 2 * pad - kw + 1
+    if pad:
+        x = xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    out = xp.empty((kh, kw, c, n, ho, wo), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            out[i, j] = x[:, :, i: i + ho, j: j + wo]
+    return out.reshape(kh * kw * c, n * ho * wo)
+
+
+@primitive
+def patches_cnhw_adjoint(cols, x_shape, kh, kw, pad=0):
+    """Add the rows of a patch matrix back into an array of shape ``x_shape`` (C, N, H, W)."""
+    xp = backend.xp()
+    c, n, h, w = x_shape
+    ho, wo = h + 2 * pad - kh + 1, w + 2 * pad - kw + 1
+    cols = cols.reshape(kh, kw, c, n, ho, wo)
+    out = xp.zeros((c, n, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            out[:, :, i: i + ho, j: j + wo] += cols[i, j]
+    return out[:, :, pad: pad + h, pad: pad + w] if pad else out
+
+
+defvjp(patches_cnhw, lambda ans, x, kh, kw, pad=0: lambda g: patches_cnhw_adjoint(g, x.shape, kh, kw, pad))
+defvjp(patches_cnhw_adjoint, lambda ans, cols, x_shape, kh, kw, pad=0: lambda g: patches_cnhw(g, kh, kw, pad))
+
+
+class ToCNHW:
+    """(N, C, H, W) images → channel-major (C, N, H, W)."""
+
+    params = ()
+
+    def forward(self, params, h):
+        return anp.transpose(h, (1, 0, 2, 3)), None
+
+    def tangent(self, params, dparams, cache, h_dot):
+        return (None if h_dot is None else anp.transpose(h_dot, (1, 0, 2, 3))), None
+
+    def backward(self, params, cache, g, need_input_grad):
+        return (anp.transpose(g, (1, 0, 2, 3)) if need_input_grad else None), {}
+
+    def backward_tangent(self, params, dparams, cache, tcache, g, g_dot, need_input_grad):
+        return anp.transpose(g, (1, 0, 2, 3)), anp.transpose(g_dot, (1, 0, 2, 3)), {}, {}
+
+    def __repr__(self):
+        return "ToCNHW()"
+
+
+class FlattenCNHW:
+    """(C, N, H, W) → (N, H·W·C): the features in the order ``nn.flatten`` gives NHWC arrays."""
+
+    params = ()
+
+    @staticmethod
+    def _flat(h):
+        return nn.flatten(anp.transpose(h, (1, 2, 3, 0)))
+
+    @staticmethod
+    def _unflat(g, shape):
+        c, n, h, w = shape
+        return anp.transpose(anp.reshape(g, (n, h, w, c)), (3, 0, 1, 2))
+
+    def forward(self, params, h):
+        return self._flat(h), h.shape
+
+    def tangent(self, params, dparams, shape, h_dot):
+        return (None if h_dot is None else self._flat(h_dot)), None
+
+    def backward(self, params, shape, g, need_input_grad):
+        return (self._unflat(g, shape) if need_input_grad else None), {}
+
+    def backward_tangent(self, params, dparams, shape, tcache, g, g_dot, need_input_grad):
+        return self._unflat(g, shape), self._unflat(g_dot, shape), {}, {}
+
+    def __repr__(self):
+        return "FlattenCNHW()"
+
+
+def _conv_matrix(w):
+    """w (O, C, kh, kw) as the (O, kh·kw·C) matrix that multiplies :func:`patches_cnhw`."""
+    return anp.reshape(anp.transpose(w, (0, 2, 3, 1)), (w.shape[0], -1))
+
+
+def _conv_weight(m, shape):
+    """The inverse of :func:`_conv_matrix`: (O, kh·kw·C) → (O, C, kh, kw)."""
+    o, c, kh, kw = shape
+    return anp.transpose(anp.reshape(m, (o, kh, kw, c)), (0, 3, 1, 2))
+
+
 @dataclass(frozen=True)
 class ConvReluPool:
-    """max-pool 2×2 (relu (conv(h, w) + b)) on NHWC h, w (O, C, kh, kw), stride 1.
+    """max-pool 2×2 (relu (conv(h, w) + b)) on channel-major h (C, N, H, W), w (O, C, kh, kw),
+    stride 1: the same numbers as ``nn.max_pool2x2_nhwc(relu(nn.conv2d_nhwc(...)))``.
 
     Computed as relu(max-pool(conv)), which is the same number (relu is monotone) on a
     quarter of the entries; the derivative routes each window's gradient to its maximum,
@@ -225,102 +314,94 @@ class ConvReluPool:
     def params(self):
         return (self.w, self.b)
 
-    def _patches(self, h, w):
-        o, c, kh, kw = w.shape
-        cols = nn.im2col(h, kh, kw, 1, self.pad)                   # (N, Ho, Wo, C, kh, kw)
-        n, ho, wo = cols.shape[:3]
-        return anp.reshape(cols, (n * ho * wo, c * kh * kw)), (n, ho, wo, o)
+    def _conv(self, w, b, cols):
+        return nn.matmul(_conv_matrix(w), cols) + anp.reshape(b, (-1, 1))      # (O, N·Ho·Wo)
 
-    def _pool(self, z2, z_shape, route=None):
-        """2×2 max-pool of the conv output z2 (N·Ho·Wo, O); with ``route``, the linear map
-        that the pool's derivative is (for tangents)."""
-        n, ho, wo, o = z_shape
-        z = anp.reshape(z2, z_shape)
+    def _z_shape(self, h_shape, w_shape):
+        (_, n, h, w), (o, _, kh, kw) = h_shape, w_shape
+        return o, n, h + 2 * self.pad - kh + 1, w + 2 * self.pad - kw + 1
+
+    @staticmethod
+    def _windows(z, z_shape):
+        """(O·N, Ho/2, 2, Wo/2, 2, 1): the 2×2 windows, in the layout ``nn`` pools."""
+        o, n, ho, wo = z_shape
+        z = anp.reshape(z, z_shape)
         if ho % 2 or wo % 2:
-            z = z[:, : ho // 2 * 2, : wo // 2 * 2, :]
-        windows = anp.reshape(z, (n, ho // 2, 2, wo // 2, 2, o))
-        if route is not None:
-            return anp.sum(windows * route, axis=(2, 4))
-        pooled = nn._max_over_windows(windows)
-        return pooled, _routing(windows, pooled)
+            z = z[:, :, : ho // 2 * 2, : wo // 2 * 2]
+        return anp.reshape(z, (o * n, ho // 2, 2, wo // 2, 2, 1))
 
     def _unpool(self, g, cache):
-        """∂ℓ/∂z (N·Ho·Wo, O) from ∂ℓ/∂out: through the relu mask, then to each window's maximum."""
-        _, _, (n, ho, wo, o), route, mask = cache
-        g = anp.reshape(g * mask, (n, ho // 2, 1, wo // 2, 1, o)) * route
-        g = anp.reshape(g, (n, ho // 2 * 2, wo // 2 * 2, o))
+        """∂ℓ/∂z (O, N·Ho·Wo) from ∂ℓ/∂out: through the relu mask, then to each window's maximum."""
+        _, _, (o, n, ho, wo), route, mask = cache
+        g = anp.reshape(g * mask, (o * n, ho // 2, 1, wo // 2, 1, 1)) * route
+        g = anp.reshape(g, (o, n, ho // 2 * 2, wo // 2 * 2))
         if ho % 2 or wo % 2:                                      # cropped rows get no gradient
             g = _pad_back(g, ho, wo)
-        return anp.reshape(g, (n * ho * wo, o))
+        return anp.reshape(g, (o, n * ho * wo))
 
     def forward(self, params, h):
         w = params[self.w]
-        cols, z_shape = self._patches(h, w)
-        z2 = nn.matmul(cols, anp.transpose(anp.reshape(w, (w.shape[0], -1)))) + params[self.b]
-        pooled, route = self._pool(z2, z_shape)
+        kh, kw = w.shape[2:]
+        cols = patches_cnhw(h, kh, kw, self.pad)
+        z_shape = self._z_shape(h.shape, w.shape)
+        o, n, ho, wo = z_shape
+        windows = self._windows(self._conv(w, params[self.b], cols), z_shape)
+        pooled = nn._max_over_windows(windows)
+        route = nn.window_routing(windows, pooled)
+        pooled = anp.reshape(pooled, (o, n, ho // 2, wo // 2))
         mask = _relu_mask(pooled)
         return pooled * mask, (h.shape, cols, z_shape, route, mask)
 
     def tangent(self, params, dparams, cache, h_dot):
         h_shape, cols, z_shape, route, mask = cache
-        w, w_dot = params[self.w], dparams[self.w]
-        o = w.shape[0]
-        z2_dot = nn.matmul(cols, anp.transpose(anp.reshape(w_dot, (o, -1)))) + dparams[self.b]
+        o, n, ho, wo = z_shape
+        w = params[self.w]
+        z_dot = self._conv(dparams[self.w], dparams[self.b], cols)
         cols_dot = None
         if h_dot is not None:
-            cols_dot, _ = self._patches(h_dot, w)
-            z2_dot = z2_dot + nn.matmul(cols_dot, anp.transpose(anp.reshape(w, (o, -1))))
-        return self._pool(z2_dot, z_shape, route) * mask, cols_dot
+            cols_dot = patches_cnhw(h_dot, *w.shape[2:], self.pad)
+            z_dot = z_dot + nn.matmul(_conv_matrix(w), cols_dot)
+        pooled_dot = anp.sum(self._windows(z_dot, z_shape) * route, axis=(2, 4))
+        return anp.reshape(pooled_dot, (o, n, ho // 2, wo // 2)) * mask, cols_dot
 
     def backward(self, params, cache, g, need_input_grad):
         return self._backward_z(params, cache, self._unpool(g, cache), need_input_grad)
 
     def _backward_z(self, params, cache, g_z, need_input_grad):
-        h_shape, cols, (n, ho, wo, o), _, _ = cache
+        h_shape, cols, _, _, _ = cache
         w = params[self.w]
-        grads = {self.w: anp.reshape(nn.matmul(anp.transpose(g_z), cols), w.shape),
-                 self.b: anp.sum(g_z, axis=0)}
+        grads = {self.w: _conv_weight(nn.matmul(g_z, anp.transpose(cols)), w.shape),
+                 self.b: anp.sum(g_z, axis=1)}
         g_h = None
         if need_input_grad:
-            g_h = self._col2im(nn.matmul(g_z, anp.reshape(w, (o, -1))), h_shape, w.shape, (n, ho, wo))
+            g_cols = nn.matmul(anp.transpose(_conv_matrix(w)), g_z)
+            g_h = patches_cnhw_adjoint(g_cols, h_shape, *w.shape[2:], self.pad)
         return g_h, grads
 
-    def _col2im(self, g_cols, h_shape, w_shape, nhw):
-        kh, kw = w_shape[2:]
-        return nn.col2im(anp.reshape(g_cols, (*nhw, *w_shape[1:])), h_shape, kh, kw, 1, self.pad)
-
     def backward_tangent(self, params, dparams, cache, cols_dot, g, g_dot, need_input_grad):
-        h_shape, cols, (n, ho, wo, o), _, _ = cache
+        h_shape, cols, _, _, _ = cache
         w, w_dot = params[self.w], dparams[self.w]
         g_z, g_z_dot = self._unpool(g, cache), self._unpool(g_dot, cache)
         g_h, grads = self._backward_z(params, cache, g_z, need_input_grad)
-        dw = nn.matmul(anp.transpose(g_z_dot), cols)
+        dw = nn.matmul(g_z_dot, anp.transpose(cols))
         if cols_dot is not None:
-            dw = dw + nn.matmul(anp.transpose(g_z), cols_dot)
-        dgrads = {self.w: anp.reshape(dw, w.shape), self.b: anp.sum(g_z_dot, axis=0)}
+            dw = dw + nn.matmul(g_z, anp.transpose(cols_dot))
+        dgrads = {self.w: _conv_weight(dw, w.shape), self.b: anp.sum(g_z_dot, axis=1)}
         g_h_dot = None
         if need_input_grad:
-            g_cols_dot = (nn.matmul(g_z_dot, anp.reshape(w, (o, -1)))
-                          + nn.matmul(g_z, anp.reshape(w_dot, (o, -1))))
-            g_h_dot = self._col2im(g_cols_dot, h_shape, w.shape, (n, ho, wo))
+            g_cols_dot = (nn.matmul(anp.transpose(_conv_matrix(w)), g_z_dot)
+                          + nn.matmul(anp.transpose(_conv_matrix(w_dot)), g_z))
+            g_h_dot = patches_cnhw_adjoint(g_cols_dot, h_shape, *w.shape[2:], self.pad)
         return g_h, g_h_dot, grads, dgrads
 
 
-def _routing(windows, pooled):
-    """Where each window's gradient goes: 1 at its maximum (1/k for k tied maxima), a constant."""
-    windows, pooled = getval(windows), getval(pooled)
-    n, h, _, w, _, c = windows.shape
-    hit = windows == pooled.reshape(n, h, 1, w, 1, c)
-    return (hit / hit.sum(axis=(2, 4), keepdims=True)).astype(windows.dtype)
-
-
 def _pad_back(g, ho, wo):
-    """g (N, ho//2·2, wo//2·2, O) with zero rows / columns appended up to (N, ho, wo, O)."""
-    n, h, w, o = g.shape
+    """g (O, N, ho//2·2, wo//2·2) with zero rows / columns appended up to (O, N, ho, wo)."""
+    o, n, h, w = g.shape
     if h < ho:
-        g = anp.concatenate([g, backend.zeros((n, ho - h, w, o), dtype=g.dtype)], axis=1)
+        g = anp.concatenate([g, backend.zeros((o, n, ho - h, w), dtype=g.dtype)], axis=2)
     if w < wo:
-        g = anp.concatenate([g, backend.zeros((n, ho, wo - w, o), dtype=g.dtype)], axis=2)
+        g = anp.concatenate([g, backend.zeros((o, n, ho, wo - w), dtype=g.dtype)], axis=3)
     return g
 
 

@@ -108,18 +108,29 @@ def max_pool2x2_nhwc(x):
 
 @primitive
 def _max_over_windows(windows):
-    """max over axes 2 and 4 of (N, H/2, 2, W/2, 2, C)."""
-    return windows.max(axis=(2, 4))
+    """max over axes 2 and 4 of (N, H/2, 2, W/2, 2, C), as the maximum of the four strided
+    views (several times faster than a reduction over two inner axes)."""
+    xp = backend.xp()
+    return xp.maximum(xp.maximum(windows[:, :, 0, :, 0], windows[:, :, 0, :, 1]),
+                      xp.maximum(windows[:, :, 1, :, 0], windows[:, :, 1, :, 1]))
+
+
+def window_routing(windows, pooled):
+    """Where each 2×2 window's gradient goes: 1 at its maximum, 1/k to each of k tied maxima
+    (a constant array shaped like ``windows``)."""
+    windows, pooled = getval(windows), getval(pooled)
+    n, h, _, w, _, c = windows.shape
+    hit = windows == pooled.reshape(n, h, 1, w, 1, c)
+    count = (hit[:, :, 0, :, 0].astype(windows.dtype) + hit[:, :, 0, :, 1]
+             + hit[:, :, 1, :, 0] + hit[:, :, 1, :, 1])
+    return hit * (1 / count).reshape(n, h, 1, w, 1, c)
 
 
 def _route_to_max(g, windows, pooled):
-    """The VJP of the max-pool: each window's gradient goes to its maximum.  The mask is a
-    constant, so this is linear in g and autograd differentiates it again for free."""
-    windows, pooled = getval(windows), getval(pooled)
+    """The VJP of the max-pool: each window's gradient goes to its maximum, ties split evenly.
+    The routing is a constant, so this is linear in g and autograd differentiates it again."""
     n, h, _, w, _, c = windows.shape
-    mask = windows == pooled.reshape(n, h, 1, w, 1, c)
-    mask = mask / mask.sum(axis=(2, 4), keepdims=True)       # split ties evenly
-    return anp.reshape(g, (n, h, 1, w, 1, c)) * mask.astype(windows.dtype)
+    return anp.reshape(g, (n, h, 1, w, 1, c)) * window_routing(windows, pooled)
 
 
 defvjp(_max_over_windows, lambda ans, windows: lambda g: _route_to_max(g, windows, ans))
@@ -311,14 +322,14 @@ def lenet(input_shape=(1, 28, 28), num_classes=10):
         h = relu(dense(h, params["f2w"], params["f2b"]))
         return dense(h, params["f3w"], params["f3b"])
 
-    layers = [fused.ToNHWC(), fused.ConvReluPool("c1w", "c1b", pad), fused.ConvReluPool("c2w", "c2b"),
+    layers = [fused.ToCNHW(), fused.ConvReluPool("c1w", "c1b", pad), fused.ConvReluPool("c2w", "c2b"),
               *_classifier_layers()]
     return _model("lenet", input_shape, num_classes, shapes, apply, layers)
 
 
 def _classifier_layers():
     """flatten → dense+relu → dense+relu → dense: the fully connected end of lenet and convnet."""
-    return [fused.Flatten(), fused.Dense("f1w", "f1b", relu=True), fused.Dense("f2w", "f2b", relu=True),
+    return [fused.FlattenCNHW(), fused.Dense("f1w", "f1b", relu=True), fused.Dense("f2w", "f2b", relu=True),
             fused.Dense("f3w", "f3b")]
 
 
@@ -343,7 +354,7 @@ def convnet(input_shape=(3, 32, 32), num_classes=10):
         h = relu(dense(h, params["f2w"], params["f2b"]))
         return dense(h, params["f3w"], params["f3b"])
 
-    layers = [fused.ToNHWC(), fused.ConvReluPool("c1w", "c1b", 2), fused.ConvReluPool("c2w", "c2b", 2),
+    layers = [fused.ToCNHW(), fused.ConvReluPool("c1w", "c1b", 2), fused.ConvReluPool("c2w", "c2b", 2),
               *_classifier_layers()]
     return _model("convnet", input_shape, num_classes, shapes, apply, layers)
 
