@@ -83,11 +83,15 @@ class CrossEntropy:
         log_p = losses.log_softmax(logits)
         p = anp.exp(log_p)
         row_mass = anp.sum(targets, axis=1, keepdims=True)
-        return -anp.sum(targets * log_p) / n, (p * row_mass - targets) / n, (p, row_mass)
+        return -anp.sum(targets * log_p) / n, (p * row_mass - targets) / n, (p, row_mass, log_p)
+
+    @staticmethod
+    def target_grad(cache, grad_z):
+        return -cache[2] / grad_z.shape[0]
 
     @staticmethod
     def tangent(cache, targets, z_dot):
-        p, row_mass = cache
+        p, row_mass, _ = cache
         n = z_dot.shape[0]
         log_p_dot = z_dot - anp.sum(p * z_dot, axis=1, keepdims=True)    # d log softmax
         return p * log_p_dot * row_mass / n, -log_p_dot / n
@@ -101,6 +105,10 @@ class SquaredError:
         n = outputs.shape[0]
         residual = outputs - targets
         return 0.5 * anp.sum(residual ** 2) / n, residual / n, None
+
+    @staticmethod
+    def target_grad(cache, grad_z):
+        return -grad_z
 
     @staticmethod
     def tangent(cache, targets, z_dot):
@@ -423,14 +431,21 @@ def _forward(layers, params, x):
 def network_value_and_grad(layers, loss, params, x, targets):
     """(ℓ(x, θ), ∇θ ℓ) by backpropagation through ``layers``: the forward pass keeps what
     each layer's derivative needs, then the layers are walked in reverse."""
-    out, caches = _forward(layers, params, x)
-    value, g, _ = loss.forward(out, targets)
-    first = _first_with_params(layers)
-    grads = {}
-    for i in range(len(layers) - 1, first - 1, -1):
-        g, layer_grads = layers[i].backward(params, caches[i], g, need_input_grad=i > first)
-        grads.update(layer_grads)
+    value, grads, _, _ = _backprop(layers, loss, params, x, targets, wrt_inputs=False)
     return value, traced_dict((k, grads[k]) for k in params)   # a dict autograd can trace
+
+
+def _backprop(layers, loss, params, x, targets, wrt_inputs):
+    """ℓ, ∇θ ℓ, and with ``wrt_inputs`` also ∇x ℓ and ∇t ℓ (else None, None)."""
+    out, caches = _forward(layers, params, x)
+    value, g, loss_cache = loss.forward(out, targets)
+    grad_targets = loss.target_grad(loss_cache, g) if wrt_inputs else None
+    last = 0 if wrt_inputs else _first_with_params(layers)
+    grads = {}
+    for i in range(len(layers) - 1, last - 1, -1):
+        g, layer_grads = layers[i].backward(params, caches[i], g, need_input_grad=wrt_inputs or i > last)
+        grads.update(layer_grads)
+    return value, grads, g if wrt_inputs else None, grad_targets
 
 
 def network_grad_and_hvp(layers, loss, params, x, targets, dparams):
@@ -481,6 +496,30 @@ def _grads_vjp(argnums, ans, args, kwargs):
 defvjp_argnums(_grads, _grads_vjp)
 
 
+@primitive
+def _loss(spec, x, targets, *values):
+    """ℓ(x, θ) as one autograd primitive whose VJP is hand-written backpropagation."""
+    layers, loss, keys = spec
+    out, _ = _forward(layers, dict(zip(keys, values)), x)
+    return loss.forward(out, targets)[0]
+
+
+def _loss_vjp(argnums, ans, args, kwargs):
+    spec, x, targets, *values = args
+    layers, loss, keys = spec
+
+    def vjp(g):
+        _, grads, x_part, t_part = _backprop(layers, loss, dict(zip(keys, values)), x, targets,
+                                             wrt_inputs=bool({1, 2} & set(argnums)))
+        parts = {1: x_part, 2: t_part}
+        return tuple(g * (parts[a] if a in parts else grads[keys[a - 3]]) for a in argnums)
+
+    return vjp
+
+
+defvjp_argnums(_loss, _loss_vjp)
+
+
 class FastGradient:
     """The hand-written gradient of one model and loss: ``value_and_grad``, ``grad`` (an
     autograd primitive, so tracing it costs one node) and ``grad_and_vjp`` (the gradient and
@@ -488,6 +527,11 @@ class FastGradient:
 
     def __init__(self, layers, loss):
         self.layers, self.loss = layers, loss
+
+    def value(self, params, x, targets):
+        """ℓ(x, θ), one autograd node when traced."""
+        keys = tuple(params)
+        return _loss((self.layers, self.loss, keys), x, targets, *params.values())
 
     def value_and_grad(self, params, x, targets):
         return network_value_and_grad(self.layers, self.loss, params, x, targets)
