@@ -30,7 +30,7 @@ from autograd import make_vjp, value_and_grad
 
 from ddref import fused
 from ddref.losses import cross_entropy
-from ddref.unroll import (check_schedule, descend, inner_grad, loss_and_grad, softplus, step_schedule,
+from ddref.unroll import (check_finite, check_schedule, descend, inner_grad, loss_and_grad, softplus, step_schedule,
                           unroll)
 
 ENGINES = ("naive", "backgrad")
@@ -58,6 +58,9 @@ def meta_gradient(engine, apply, theta0, x_distilled, targets, raw_lrs, x_real, 
                   loss=cross_entropy):
     """Outer loss and its gradient w.r.t. (x̃, raw η̃) with the chosen engine.  ``loss`` is
     used both inside (training on x̃) and outside (on the real batch)."""
+    check_schedule(x_distilled, raw_lrs)
+    check_finite("the distilled images", x_distilled)
+    check_finite("the raw learning rates", raw_lrs)
     if engine == "naive":
         return naive(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets, loss)
     if engine == "backgrad":

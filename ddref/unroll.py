@@ -18,6 +18,7 @@ import math
 
 import autograd.numpy as anp
 from autograd import grad, value_and_grad
+from autograd.tracer import getval
 
 from ddref import fused
 from ddref.losses import cross_entropy
@@ -83,12 +84,23 @@ def step_schedule(epochs, steps):
 def check_schedule(x_distilled, lrs):
     """(epochs, steps) of a learning-rate table that fits the distilled images, else one clear
     ValueError: lrs must be (E, S) for x_distilled of shape (S, n, C, H, W)."""
+    if len(x_distilled.shape) != 5:
+        raise ValueError(
+            f"distilled images of shape {tuple(x_distilled.shape)} lack the step axis: give them "
+            f"the shape (steps, n, C, H, W), e.g. x[None] for a single step.")
     steps = x_distilled.shape[0]
     if len(lrs.shape) != 2 or lrs.shape[1] != steps:
         raise ValueError(
             f"learning rates of shape {tuple(lrs.shape)} do not fit {steps} groups of distilled "
             f"images; give them the shape (epochs, steps) = (E, {steps}).")
     return lrs.shape
+
+
+def check_finite(name, array):
+    """One clear ValueError if ``array`` holds NaN or inf (checked once, before training)."""
+    if not bool(anp.isfinite(array).all()):
+        raise ValueError(f"{name} contain NaN or inf; check how they were made (a diverged run?) "
+                         f"and start from finite values.")
 
 
 def unroll(apply, theta0, x_distilled, targets, lrs, return_all=False, loss=cross_entropy):
@@ -100,6 +112,8 @@ def unroll(apply, theta0, x_distilled, targets, lrs, return_all=False, loss=cros
     Returns θ_T, or the list [θ_0, …, θ_T] when ``return_all``.
     """
     epochs, steps = check_schedule(x_distilled, lrs)
+    check_finite("the distilled images", getval(x_distilled))
+    check_finite("the learning rates", getval(lrs))
     params = theta0
     trajectory = [params]
     for e, s in step_schedule(epochs, steps):
