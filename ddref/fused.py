@@ -331,17 +331,17 @@ class ConvReluPool:
 
     @staticmethod
     def _windows(z, z_shape):
-        """(O·N, Ho/2, 2, Wo/2, 2, 1): the 2×2 windows, in the layout ``nn`` pools."""
+        """(O·N, Ho/2, 2, Wo/2, 2): the 2×2 windows of z (O, N·Ho·Wo)."""
         o, n, ho, wo = z_shape
         z = anp.reshape(z, z_shape)
         if ho % 2 or wo % 2:
             z = z[:, :, : ho // 2 * 2, : wo // 2 * 2]
-        return anp.reshape(z, (o * n, ho // 2, 2, wo // 2, 2, 1))
+        return anp.reshape(z, (o * n, ho // 2, 2, wo // 2, 2))
 
     def _unpool(self, g, cache):
-        """∂ℓ/∂z (O, N·Ho·Wo) from ∂ℓ/∂out: through the relu mask, then to each window's maximum."""
-        _, _, (o, n, ho, wo), route, mask = cache
-        g = anp.reshape(g * mask, (o * n, ho // 2, 1, wo // 2, 1, 1)) * route
+        """∂ℓ/∂z (O, N·Ho·Wo) from ∂ℓ/∂out: through the relu, then to each window's maximum."""
+        _, _, (o, n, ho, wo), hit, scale = cache
+        g = anp.reshape(anp.reshape(g, scale.shape) * scale, (o * n, ho // 2, 1, wo // 2, 1)) * hit
         g = anp.reshape(g, (o, n, ho // 2 * 2, wo // 2 * 2))
         if ho % 2 or wo % 2:                                      # cropped rows get no gradient
             g = _pad_back(g, ho, wo)
@@ -354,14 +354,13 @@ class ConvReluPool:
         z_shape = self._z_shape(h.shape, w.shape)
         o, n, ho, wo = z_shape
         windows = self._windows(self._conv(w, params[self.b], cols), z_shape)
-        pooled = nn._max_over_windows(windows)
-        route = nn.window_routing(windows, pooled)
-        pooled = anp.reshape(pooled, (o, n, ho // 2, wo // 2))
-        mask = _relu_mask(pooled)
-        return pooled * mask, (h.shape, cols, z_shape, route, mask)
+        pooled = nn._max_over_windows(windows)                   # (O·N, Ho/2, Wo/2)
+        hit, scale = _pool_routing(windows, pooled)
+        out = anp.reshape(pooled * _relu_mask(pooled), (o, n, ho // 2, wo // 2))
+        return out, (h.shape, cols, z_shape, hit, scale)
 
     def tangent(self, params, dparams, cache, h_dot):
-        h_shape, cols, z_shape, route, mask = cache
+        h_shape, cols, z_shape, hit, scale = cache
         o, n, ho, wo = z_shape
         w = params[self.w]
         z_dot = self._conv(dparams[self.w], dparams[self.b], cols)
@@ -369,8 +368,8 @@ class ConvReluPool:
         if h_dot is not None:
             cols_dot = patches_cnhw(h_dot, *w.shape[2:], self.pad)
             z_dot = z_dot + nn.matmul(_conv_matrix(w), cols_dot)
-        pooled_dot = anp.sum(self._windows(z_dot, z_shape) * route, axis=(2, 4))
-        return anp.reshape(pooled_dot, (o, n, ho // 2, wo // 2)) * mask, cols_dot
+        pooled_dot = anp.sum(self._windows(z_dot, z_shape) * hit, axis=(2, 4)) * scale
+        return anp.reshape(pooled_dot, (o, n, ho // 2, wo // 2)), cols_dot
 
     def backward(self, params, cache, g, need_input_grad):
         return self._backward_z(params, cache, self._unpool(g, cache), need_input_grad)
@@ -401,6 +400,17 @@ class ConvReluPool:
                           + nn.matmul(anp.transpose(_conv_matrix(w_dot)), g_z))
             g_h_dot = patches_cnhw_adjoint(g_cols_dot, h_shape, *w.shape[2:], self.pad)
         return g_h, g_h_dot, grads, dgrads
+
+
+def _pool_routing(windows, pooled):
+    """The derivative of relu(max-pool) as two constants: ``hit`` marks each window's maxima,
+    and ``scale`` = [max > 0] / (number of maxima) splits the gradient evenly between ties —
+    ``nn.window_routing`` times the relu mask, without forming their product."""
+    windows, pooled = getval(windows), getval(pooled)
+    hit = windows == pooled[:, :, None, :, None]
+    count = (hit[:, :, 0, :, 0].astype(pooled.dtype) + hit[:, :, 0, :, 1]
+             + hit[:, :, 1, :, 0] + hit[:, :, 1, :, 1])
+    return hit, _relu_mask(pooled) / count
 
 
 def _pad_back(g, ho, wo):
