@@ -530,6 +530,35 @@ def _loss_vjp(argnums, ans, args, kwargs):
 defvjp_argnums(_loss, _loss_vjp)
 
 
+@primitive
+def _step(spec, x, targets, lr, *values):
+    """One gradient-descent step θ − η ∇θ ℓ(x, θ) as one autograd primitive (a tuple in
+    ``spec``'s key order), whose VJP is :func:`network_grad_and_hvp` — back-gradient's
+    reverse step, so the naive engine traces one node per inner step."""
+    layers, loss, keys = spec
+    _, grads = network_value_and_grad(layers, loss, dict(zip(keys, values)), x, targets)
+    return tuple(v - lr * grads[k] for k, v in zip(keys, values))
+
+
+def _step_vjp(argnums, ans, args, kwargs):
+    spec, x, targets, lr, *values = args
+    layers, loss, keys = spec
+
+    def vjp(cotangent):
+        v = dict(zip(keys, cotangent))
+        grads, hvp, x_part, t_part = network_grad_and_hvp(layers, loss, dict(zip(keys, values)), x,
+                                                          targets, v)
+        parts = {1: lambda: -lr * x_part, 2: lambda: -lr * t_part,
+                 3: lambda: -sum(anp.sum(grads[k] * v[k]) for k in keys)}
+        return tuple(parts[a]() if a in parts else v[keys[a - 4]] - lr * hvp[keys[a - 4]]
+                     for a in argnums)
+
+    return vjp
+
+
+defvjp_argnums(_step, _step_vjp)
+
+
 class FastGradient:
     """The hand-written gradient of one model and loss: ``value_and_grad``, ``grad`` (an
     autograd primitive, so tracing it costs one node) and ``grad_and_vjp`` (the gradient and
@@ -549,6 +578,12 @@ class FastGradient:
     def grad(self, params, x, targets):
         keys = tuple(params)
         values = _grads((self.layers, self.loss, keys), x, targets, *params.values())
+        return traced_dict((k, values[i]) for i, k in enumerate(keys))
+
+    def step(self, params, x, targets, lr):
+        """θ − η ∇θ ℓ(x, θ) as a dict, one autograd node when traced."""
+        keys = tuple(params)
+        values = _step((self.layers, self.loss, keys), x, targets, lr, *params.values())
         return traced_dict((k, values[i]) for i, k in enumerate(keys))
 
     def grad_and_vjp(self, params, x, targets, v):

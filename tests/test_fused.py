@@ -10,9 +10,10 @@ primitives — one derivative further (third order) for the MLP.
 import numpy as np
 import pytest
 from autograd import grad, make_vjp
+from autograd.builtins import dict as traced_dict
 
 from ddref import fused, losses, nn
-from ddref.unroll import inner_grad, inner_loss, loss_and_grad
+from ddref.unroll import inner_grad, inner_loss, loss_and_grad, sgd_step
 
 AGREE = 1e-10
 CASES = {"mlp": (1, 8, 8), "lenet28": (1, 28, 28), "lenet32": (1, 32, 32), "convnet": (3, 32, 32)}
@@ -81,6 +82,29 @@ def test_second_derivatives_agree(case, rng, rel_err):
     assert rel_err(flat(h[k] for k in keys), flat(h_plain[k] for k in keys)) < AGREE
     assert rel_err(hx, hx_plain) < AGREE
     assert rel_err(flat(g[k] for k in keys), flat(g_plain[k] for k in keys)) < AGREE
+
+
+@pytest.mark.parametrize("case", ["mlp", "lenet28"])
+def test_step_primitive_and_its_vjp_agree(case, rng, rel_err):
+    """θ − η ∇θ ℓ as one primitive (the naive engine's inner step): value and VJP w.r.t.
+    (θ, x, t, η) against the plain descend(θ, inner_grad(...), η)."""
+    model, params, x, targets = problem(case, rng, soft=True)
+    lr = 0.3
+    v = {k: rng.normal(size=p.shape) for k, p in params.items()}
+
+    def step(args):
+        return traced_dict(sgd_step(model.apply, *args))   # descend returns a plain dict
+
+    pull_fast, new_fast = make_vjp(step)((params, x, targets, lr))
+    with fused.plain():
+        pull_plain, new_plain = make_vjp(step)((params, x, targets, lr))
+        plain = pull_plain(v)
+    fast = pull_fast(v)
+    keys = list(params)
+    assert rel_err(flat(new_fast[k] for k in keys), flat(new_plain[k] for k in keys)) < AGREE
+    assert rel_err(flat(fast[0][k] for k in keys), flat(plain[0][k] for k in keys)) < AGREE
+    for got, want in zip(fast[1:], plain[1:]):
+        assert rel_err(got, want) < AGREE
 
 
 @pytest.mark.parametrize("case", ["mlp", "lenet28"])
