@@ -377,7 +377,8 @@ def match_torch(args):
     for model_name in args.models:
         data_name, batch = SETUPS[model_name]
         for engine in args.engines:
-            wanted = dict(dataset=data_name, model=model_name, init="fixed", steps=steps, epochs=epochs,
+            wanted = dict(dataset=data_name, model=model_name, init=args.init, n_nets=args.n_nets,
+                          steps=steps, epochs=epochs,
                           images_per_class=1, distill_lr=DISTILL_LR, batch_size=batch, engine=engine,
                           dtype=args.dtype, seed=args.seed, iterations=args.iters, decay_every=0,
                           eval_every=0, checkpoint_every=0)
@@ -385,7 +386,7 @@ def match_torch(args):
             config = DistillConfig(**{k: v for k, v in wanted.items() if k in known})
             distiller = Distiller(config, progress=False)
             print(f"ddref distill step: model={model_name} data={data_name} steps={steps} epochs={epochs} "
-                  f"n_per_step={len(distiller.labels)} real_batch={batch} init=fixed engine={engine} "
+                  f"n_per_step={len(distiller.labels)} real_batch={batch} init={args.init} n_nets={args.n_nets} engine={engine} "
                   f"dtype={args.dtype} iters={args.iters} threads={args.threads or 'default'}", flush=True)
             rss0 = rss_mb()
             times, t_start = [], time.perf_counter()
@@ -436,6 +437,10 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10, help="--match-torch: outer iterations (first 2 dropped)")
     ap.add_argument("--steps", type=int, default=10, help="--match-torch: steps (default 10)")
     ap.add_argument("--epochs", type=int, default=3, help="--match-torch: epochs (default 3)")
+    ap.add_argument("--init", choices=["fixed", "random"], default="fixed",
+                    help="--match-torch: fixed θ0 (default) or a fresh θ0 ~ p(θ0) every iteration")
+    ap.add_argument("--n-nets", type=int, default=1,
+                    help="--match-torch with --init random: networks per outer iteration (default 1)")
     args = ap.parse_args(argv)
     if args.quick:
         args.T, args.repeats, args.min_time = [1, 3], 1, 0.0

@@ -22,9 +22,13 @@ def log_softmax(logits):
 
 
 def one_hot(labels, num_classes, dtype="float64"):
-    """Integer labels (N,) → one-hot rows (N, num_classes) on the selected backend."""
+    """Integer labels (N,) → one-hot rows (N, num_classes) on the selected backend.
+    A label outside 0..num_classes−1 is a ValueError (it would be an all-zero row)."""
     xp = backend.xp()
     labels = backend.asarray(labels)
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1} for {num_classes} classes; "
+                         f"got {int(labels.min())}..{int(labels.max())}: check num_classes or the labels.")
     return (labels[:, None] == xp.arange(num_classes)[None, :]).astype(dtype)
 
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 import math
 
 import autograd.numpy as anp
-from autograd import grad
+from autograd import grad, value_and_grad
+from autograd.tracer import getval
 
+from ddref import fused
 from ddref.losses import cross_entropy
 
 
@@ -41,11 +43,27 @@ def inner_loss(apply, params, x, targets, loss=cross_entropy):
 
 
 _inner_grad = grad(inner_loss, 1)
+_inner_value_and_grad = value_and_grad(inner_loss, 1)
 
 
 def inner_grad(apply, params, x, targets, loss=cross_entropy):
-    """∇θ ℓ(x, θ) as a dict shaped like ``params``."""
+    """∇θ ℓ(x, θ) as a dict shaped like ``params``.
+
+    Plainly, autograd's gradient of :func:`inner_loss`.  When the model describes itself as
+    layers (:mod:`ddref.fused`), the same gradient written out as backpropagation: the same
+    numbers, much less autograd bookkeeping (tests/test_fused.py)."""
+    fast = fused.gradient_for(apply, loss)
+    if fast is not None:
+        return fast.grad(params, x, targets)
     return _inner_grad(apply, params, x, targets, loss)
+
+
+def loss_and_grad(apply, params, x, targets, loss=cross_entropy):
+    """(ℓ(x, θ), ∇θ ℓ(x, θ)): :func:`inner_loss` and :func:`inner_grad` in one pass."""
+    fast = fused.gradient_for(apply, loss)
+    if fast is not None:
+        return fast.value_and_grad(params, x, targets)
+    return _inner_value_and_grad(apply, params, x, targets, loss)
 
 
 def descend(params, grads, lr):
@@ -55,6 +73,9 @@ def descend(params, grads, lr):
 
 def sgd_step(apply, params, x, targets, lr, loss=cross_entropy):
     """One step of gradient descent: θ − η ∇θ ℓ(x, θ)."""
+    fast = fused.gradient_for(apply, loss)
+    if fast is not None:                       # the same step as one primitive (ddref.fused)
+        return fast.step(params, x, targets, lr)
     return descend(params, inner_grad(apply, params, x, targets, loss), lr)
 
 
@@ -66,12 +87,23 @@ def step_schedule(epochs, steps):
 def check_schedule(x_distilled, lrs):
     """(epochs, steps) of a learning-rate table that fits the distilled images, else one clear
     ValueError: lrs must be (E, S) for x_distilled of shape (S, n, C, H, W)."""
+    if len(x_distilled.shape) != 5:
+        raise ValueError(
+            f"distilled images of shape {tuple(x_distilled.shape)} lack the step axis: give them "
+            f"the shape (steps, n, C, H, W), e.g. x[None] for a single step.")
     steps = x_distilled.shape[0]
     if len(lrs.shape) != 2 or lrs.shape[1] != steps:
         raise ValueError(
             f"learning rates of shape {tuple(lrs.shape)} do not fit {steps} groups of distilled "
             f"images; give them the shape (epochs, steps) = (E, {steps}).")
     return lrs.shape
+
+
+def check_finite(name, array):
+    """One clear ValueError if ``array`` holds NaN or inf (checked once, before training)."""
+    if not bool(anp.isfinite(array).all()):
+        raise ValueError(f"{name} contain NaN or inf; check how they were made (a diverged run?) "
+                         f"and start from finite values.")
 
 
 def unroll(apply, theta0, x_distilled, targets, lrs, return_all=False, loss=cross_entropy):
@@ -83,6 +115,8 @@ def unroll(apply, theta0, x_distilled, targets, lrs, return_all=False, loss=cros
     Returns θ_T, or the list [θ_0, …, θ_T] when ``return_all``.
     """
     epochs, steps = check_schedule(x_distilled, lrs)
+    check_finite("the distilled images", getval(x_distilled))
+    check_finite("the learning rates", getval(lrs))
     params = theta0
     trajectory = [params]
     for e, s in step_schedule(epochs, steps):

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from autograd import grad
 
-from ddref import _cupy, backend, hypergrad, losses, nn
+from ddref import _cupy, backend, fused, hypergrad, losses, nn
 from ddref.unroll import inverse_softplus
 
 try:
@@ -119,13 +119,15 @@ def _numpy_reference(model_name, engine, dtype="float64"):
 # ---------------------------------------------------------------------------- meta-gradients
 
 
+@pytest.mark.parametrize("path", ["fast", "plain"])
 @pytest.mark.parametrize("model_name", sorted(SHAPES))
-def test_meta_gradients_on_every_backend(any_backend, model_name, rel_err):
+def test_meta_gradients_on_every_backend(any_backend, model_name, path, rel_err):
     """naive and back-gradient meta-gradients run on the backend, stay on its arrays, agree
-    with each other, and give numpy's numbers."""
+    with each other, and give numpy's numbers — on the fast path (ddref.fused) and the plain one."""
     name, xp = any_backend
     p = _problem(model_name)
-    results = {engine: _on_backend(engine, p) for engine in hypergrad.ENGINES}
+    with (fused.plain() if path == "plain" else contextlib.nullcontext()):
+        results = {engine: _on_backend(engine, p) for engine in hypergrad.ENGINES}
     for engine, mg in results.items():
         assert isinstance(mg.loss, float)
         assert type(mg.grad_x) is xp.ndarray and type(mg.grad_raw_lrs) is xp.ndarray, engine
@@ -195,20 +197,29 @@ def _host_zeros(shape, dtype="float64"):
     return np.zeros(shape, dtype=dtype)                 # parameters created on the host
 
 
-@pytest.mark.parametrize("plant", ["forward", "init"])
+def _host_relu_mask(z):
+    return np.asarray(fused.getval(z) > 0, dtype=float)  # a host array planted in the fast path
+
+
+@pytest.mark.parametrize("plant", ["forward", "fused", "init"])
 def test_a_planted_host_array_fails_on_the_fake_device(monkeypatch, plant):
+    path = contextlib.nullcontext()
     if plant == "forward":
         monkeypatch.setattr(nn, "relu", _host_relu)
+        path = fused.plain()                            # the plain path calls nn.relu
+    elif plant == "fused":
+        monkeypatch.setattr(fused, "_relu_mask", _host_relu_mask)
     else:
         monkeypatch.setattr(backend, "zeros", _host_zeros)
     p = _problem("mlp")
-    with backend.using("numpy"):
-        _on_backend("naive", p)                         # fine on the host ...
-    _cupy.install(fake_xp, FakeArray)
-    with backend._using_namespace("fake", fake_xp):     # ... but not on a device
-        for engine in hypergrad.ENGINES:
-            with pytest.raises(TypeError, match="host numpy array|Implicit conversion"):
-                _on_backend(engine, p)
+    with path:
+        with backend.using("numpy"):
+            _on_backend("naive", p)                     # fine on the host ...
+        _cupy.install(fake_xp, FakeArray)
+        with backend._using_namespace("fake", fake_xp):     # ... but not on a device
+            for engine in hypergrad.ENGINES:
+                with pytest.raises(TypeError, match="host numpy array|Implicit conversion"):
+                    _on_backend(engine, p)
 
 
 def test_fake_device_refuses_what_cupy_refuses():

@@ -81,7 +81,7 @@ BAD_OPTIONS = [
     ["distill", "--betas", "1.5", "0.9"], ["distill", "--lr", "inf"], ["distill", "--lr", "nan"],
     ["distill", "--lr-decay", "0"], ["distill", "--lr-decay", "-1"], ["distill", "--decay-every", "-2"],
     ["distill", "--eval-every", "-1"], ["distill", "--checkpoint-every", "-1"],
-    ["distill", "--init-scale", "0"], ["distill", "--seed", "-1"], ["distill", "--threads", "0"],
+    ["distill", "--init-scale", "0"], ["distill", "--seed", "-1"], ["distill", "--threads", "-1"],
     ["--threads", "-3", "datasets"], ["distill", "--baseline-draws", "0"],
     ["distill", "--eval-inits", "0"], ["distill", "--n-nets", "0"], ["distill", "--steps", "1.5"],
     ["distill", "--distill-lr", "-0.02"], ["distill", "--init", "pretrained"],

@@ -270,6 +270,27 @@ def test_unroll_mismatched_lrs_shape():
 # ---------------------------------------------------------------------------- unroll
 
 
+def test_unroll_blames_images_without_the_step_axis():
+    p = make_problem("mlp")
+    one_step = p["x_distilled"][0]                      # (n, C, H, W): no step axis
+    with pytest.raises(ValueError, match="distilled images of shape .* lack the step axis"):
+        unroll(p["apply"], p["theta0"], one_step, p["targets"], np.ones((1, PER_STEP)))
+
+
+@pytest.mark.parametrize("engine", [None, *hypergrad.ENGINES])
+@pytest.mark.parametrize("what", ["images", "lrs"])
+def test_nan_inputs_are_a_clear_error(engine, what):
+    p = make_problem("mlp")
+    x, raw = p["x_distilled"].copy(), p["raw_lrs"].copy()
+    (x if what == "images" else raw)[0, 0] = np.nan
+    with pytest.raises(ValueError, match="contain NaN or inf"):
+        if engine is None:
+            unroll(p["apply"], p["theta0"], x, p["targets"], softplus(raw))
+        else:
+            hypergrad.meta_gradient(engine, p["apply"], p["theta0"], x, p["targets"], raw,
+                                    p["x_real"], p["real_targets"])
+
+
 def test_unroll_return_all():
     p = make_problem("mlp", seed=8)
     lrs = softplus(p["raw_lrs"])

@@ -27,6 +27,12 @@ def test_one_hot():
     assert losses.one_hot([1], 3, dtype="float32").dtype == np.float32
 
 
+@pytest.mark.parametrize("labels", [[12], [0, -1], [3, 10]])
+def test_one_hot_rejects_labels_out_of_range(labels):
+    with pytest.raises(ValueError, match="labels must lie in 0..9 for 10 classes"):
+        losses.one_hot(np.array(labels), 10)
+
+
 def test_log_softmax_normalised_and_shift_invariant(rng):
     z = rng.normal(size=(5, 7)) * 3
     ls = losses.log_softmax(z)

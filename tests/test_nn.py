@@ -376,8 +376,19 @@ def test_lenet_rejects_images_it_cannot_take():
 
 
 def test_convnet_rejects_images_it_cannot_take():
-    with pytest.raises(nn.ShapeError, match="32×32"):
+    with pytest.raises(nn.ShapeError, match="32×32.*use lenet"):
         nn.build_model("convnet", (1, 28, 28))
+    with pytest.raises(nn.ShapeError, match="8×8; use the mlp model"):
+        nn.build_model("convnet", (1, 8, 8))
+
+
+@pytest.mark.parametrize("name, shape, bad", [("mlp", (1, 8, 8), (3, 1, 28, 28)),
+                                              ("lenet", (1, 28, 28), (3, 3, 32, 32)),
+                                              ("lenet", (1, 28, 28), (1, 28, 28))])
+def test_apply_rejects_images_of_the_wrong_shape(name, shape, bad):
+    model = nn.build_model(name, shape)
+    with pytest.raises(nn.ShapeError, match=r"takes a batch of images of shape \(N, 1, \d+, \d+\) but got"):
+        model.apply(model.init(0), np.zeros(bad))
 
 
 def test_check_input():

@@ -450,4 +450,6 @@ def test_memory_grows_like_t_sqrt_t_and_not_at_all():
     assert growth["backgrad"][1] > 0.8 * 150                  # T: 150 more steps, ~150 more copies
     assert 0 < growth["checkpoint"][1] < 4 * np.sqrt(160)     # √T: 3√T copies held at most
     assert growth["checkpoint"][1] / growth["checkpoint"][0] < 4   # linear would be 150/30 = 5
-    assert peaks["reverse"][2] < 1.2 * peaks["reverse"][0]
+    # reverse: only the integer buffer (log2(1/β) bits per parameter per step) and allocator
+    # noise grow; the bound is 2× from T = 10 to T = 1,000
+    assert peaks["reverse"][2] < 1.5 * peaks["reverse"][0]

@@ -1,0 +1,201 @@
+"""ddref.fused: the hand-written gradient and its derivatives against the plain composition.
+
+Every fast path must give the plain path's numbers (autograd on ``model.apply`` and the loss)
+to 1e-10 in float64: the loss, its gradient, the vector–Jacobian products of the gradient
+with respect to the parameters, the images and the targets (what both meta-gradient engines
+use), the VJP of the loss primitive, and — because the VJPs are built from differentiable
+primitives — one derivative further (third order) for the MLP.
+"""
+
+import numpy as np
+import pytest
+from autograd import grad, make_vjp
+from autograd.builtins import dict as traced_dict
+
+from ddref import fused, losses, nn
+from ddref.unroll import inner_grad, inner_loss, loss_and_grad, sgd_step
+
+AGREE = 1e-10
+CASES = {"mlp": (1, 8, 8), "lenet28": (1, 28, 28), "lenet32": (1, 32, 32), "convnet": (3, 32, 32)}
+
+
+def problem(case, rng, n=6, soft=False, dtype="float64"):
+    shape = CASES[case]
+    model = nn.build_model(case.rstrip("0123456789"), shape, 10)
+    params = model.init(rng, dtype=dtype)
+    params = {k: (v + 0.05 * rng.normal(size=v.shape)).astype(dtype) for k, v in params.items()}  # biases ≠ 0
+    x = rng.normal(size=(n, *shape)).astype(dtype)
+    if soft:
+        targets = rng.uniform(0, 1, size=(n, 10)).astype(dtype)   # rows need not sum to 1
+    else:
+        targets = losses.one_hot(rng.integers(0, 10, n), 10, dtype)
+    return model, params, x, targets
+
+
+def plain_grad(apply, params, x, targets, loss=losses.cross_entropy):
+    with fused.plain():
+        return inner_grad(apply, params, x, targets, loss)
+
+
+def flat(parts):
+    return np.concatenate([np.ravel(p) for p in parts])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("soft", [False, True], ids=["one-hot", "soft"])
+def test_value_and_gradient_agree(case, soft, rng, rel_err):
+    model, params, x, targets = problem(case, rng, soft=soft)
+    fast = fused.gradient_for(model.apply, losses.cross_entropy)
+    value, grads = fast.value_and_grad(params, x, targets)
+    assert rel_err(value, inner_loss(model.apply, params, x, targets)) < AGREE
+    assert rel_err(fast.value(params, x, targets), value) < AGREE
+    expected = plain_grad(model.apply, params, x, targets)
+    assert list(grads) == list(params)
+    for k in params:
+        assert rel_err(grads[k], expected[k]) < AGREE, k
+    # inner_grad takes the fast path by default and returns the same dict
+    assert rel_err(flat(inner_grad(model.apply, params, x, targets).values()), flat(grads.values())) < AGREE
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_second_derivatives_agree(case, rng, rel_err):
+    """VJPs of g = ∇θ ℓ w.r.t. (θ, x, t) at a random cotangent v: the primitive's hand-written
+    rule, back-gradient's grad_and_vjp, and autograd differentiating autograd's gradient."""
+    model, params, x, targets = problem(case, rng, soft=True)
+    v = {k: rng.normal(size=p.shape) for k, p in params.items()}
+
+    def gradient(args):
+        return inner_grad(model.apply, *args)
+
+    pull_fast, g_fast = make_vjp(gradient)((params, x, targets))
+    with fused.plain():
+        pull_plain, g_plain = make_vjp(gradient)((params, x, targets))
+        h_plain, hx_plain, ht_plain = pull_plain(v)
+    h_fast, hx_fast, ht_fast = pull_fast(v)
+    keys = list(params)
+    assert rel_err(flat(g_fast[k] for k in keys), flat(g_plain[k] for k in keys)) < AGREE
+    assert rel_err(flat(h_fast[k] for k in keys), flat(h_plain[k] for k in keys)) < AGREE
+    assert rel_err(hx_fast, hx_plain) < AGREE
+    assert rel_err(ht_fast, ht_plain) < AGREE
+
+    g, h, hx = fused.gradient_for(model.apply, losses.cross_entropy).grad_and_vjp(params, x, targets, v)
+    assert rel_err(flat(h[k] for k in keys), flat(h_plain[k] for k in keys)) < AGREE
+    assert rel_err(hx, hx_plain) < AGREE
+    assert rel_err(flat(g[k] for k in keys), flat(g_plain[k] for k in keys)) < AGREE
+
+
+@pytest.mark.parametrize("case", ["mlp", "lenet28"])
+def test_step_primitive_and_its_vjp_agree(case, rng, rel_err):
+    """θ − η ∇θ ℓ as one primitive (the naive engine's inner step): value and VJP w.r.t.
+    (θ, x, t, η) against the plain descend(θ, inner_grad(...), η)."""
+    model, params, x, targets = problem(case, rng, soft=True)
+    lr = 0.3
+    v = {k: rng.normal(size=p.shape) for k, p in params.items()}
+
+    def step(args):
+        return traced_dict(sgd_step(model.apply, *args))   # descend returns a plain dict
+
+    pull_fast, new_fast = make_vjp(step)((params, x, targets, lr))
+    with fused.plain():
+        pull_plain, new_plain = make_vjp(step)((params, x, targets, lr))
+        plain = pull_plain(v)
+    fast = pull_fast(v)
+    keys = list(params)
+    assert rel_err(flat(new_fast[k] for k in keys), flat(new_plain[k] for k in keys)) < AGREE
+    assert rel_err(flat(fast[0][k] for k in keys), flat(plain[0][k] for k in keys)) < AGREE
+    for got, want in zip(fast[1:], plain[1:]):
+        assert rel_err(got, want) < AGREE
+
+
+@pytest.mark.parametrize("case", ["mlp", "lenet28"])
+def test_loss_primitive_gradient_agrees(case, rng, rel_err):
+    """The loss as one primitive (the naive engine's outer loss): its VJP w.r.t. θ, x and t."""
+    model, params, x, targets = problem(case, rng, soft=True)
+    fast = fused.gradient_for(model.apply, losses.cross_entropy)
+    got = grad(lambda a: fast.value(*a))((params, x, targets))
+    want = grad(lambda a: losses.cross_entropy(model.apply(*a[:2]), a[2]))((params, x, targets))
+    for k in params:
+        assert rel_err(got[0][k], want[0][k]) < AGREE, k
+    assert rel_err(got[1], want[1]) < AGREE
+    assert rel_err(got[2], want[2]) < AGREE
+
+
+def test_third_derivative_agrees(rng, rel_err):
+    """The hand-written VJP is itself differentiable: d/dθ ⟨(∂g/∂θ)ᵀ v, w⟩ matches autograd."""
+    model, params, x, targets = problem("mlp", rng, n=4)
+    v = {k: rng.normal(size=p.shape) for k, p in params.items()}
+    w = {k: rng.normal(size=p.shape) for k, p in params.items()}
+
+    def third(theta):
+        pull, _ = make_vjp(lambda t: inner_grad(model.apply, t, x, targets))(theta)
+        h = pull(v)
+        return sum(np.sum(h[k] * w[k]) for k in h)
+
+    fast = grad(third)(params)
+    with fused.plain():
+        plain = grad(third)(params)
+    assert rel_err(flat(fast.values()), flat(plain.values())) < AGREE
+
+
+def test_squared_error_agrees(rng, rel_err):
+    model, params, x, _ = problem("mlp", rng)
+    targets = rng.normal(size=(len(x), 10))
+    value, grads = loss_and_grad(model.apply, params, x, targets, losses.squared_error)
+    with fused.plain():
+        value_plain, grads_plain = loss_and_grad(model.apply, params, x, targets, losses.squared_error)
+    assert rel_err(value, value_plain) < AGREE
+    assert rel_err(flat(grads.values()), flat(grads_plain.values())) < AGREE
+
+
+def test_max_pool_ties_split_like_the_plain_path(rel_err):
+    """Constant images make every pooling window a tie; both paths split the gradient evenly."""
+    rng = np.random.default_rng(3)
+    model, params, _, targets = problem("lenet28", rng, n=3)
+    x = np.full((3, 1, 28, 28), -0.4)
+    x[:, :, 10:18, 10:18] = 1.5
+    grads = fused.gradient_for(model.apply, losses.cross_entropy).value_and_grad(params, x, targets)[1]
+    expected = plain_grad(model.apply, params, x, targets)
+    assert rel_err(flat(grads.values()), flat(expected.values())) < AGREE
+
+
+@pytest.mark.parametrize("h, pad", [(28, 2), (10, 0), (9, 1)])
+def test_patch_matrix_convolution_is_conv2d(rng, rel_err, h, pad):
+    """conv via the channel-major patch matrix equals nn.conv2d; patches and their adjoint
+    satisfy ⟨P x, y⟩ = ⟨x, Pᵀ y⟩."""
+    x = rng.normal(size=(2, 3, h, h))
+    w = rng.normal(size=(4, 3, 5, 5))
+    cols = fused.patches_cnhw(np.transpose(x, (1, 0, 2, 3)), 5, 5, pad)
+    out = fused._conv_matrix(w) @ cols
+    ho = h + 2 * pad - 4
+    out = np.transpose(out.reshape(4, 2, ho, ho), (1, 0, 2, 3))
+    assert rel_err(out, nn.conv2d(x, w, np.zeros(4), pad=pad)) < 1e-12
+    y = rng.normal(size=cols.shape)
+    x_cnhw = np.transpose(x, (1, 0, 2, 3))
+    back = fused.patches_cnhw_adjoint(y, x_cnhw.shape, 5, 5, pad)
+    assert rel_err(np.vdot(cols, y), np.vdot(x_cnhw, back)) < 1e-12
+
+
+def test_plain_switches_the_fast_path_off():
+    model = nn.build_model("mlp", (1, 8, 8), 10)
+    assert fused.gradient_for(model.apply, losses.cross_entropy) is not None
+    with fused.plain():
+        assert fused.gradient_for(model.apply, losses.cross_entropy) is None
+    assert fused.gradient_for(model.apply, losses.cross_entropy) is not None
+
+
+def test_unknown_losses_and_models_take_the_plain_path():
+    model = nn.build_model("mlp", (1, 8, 8), 10)
+    assert fused.gradient_for(model.apply, lambda z, t: losses.cross_entropy(z, t)) is None
+    assert fused.gradient_for(nn.build_model("linear", (1, 8, 8), 1).apply, losses.squared_error) is None
+
+
+@pytest.mark.parametrize("case", ["mlp", "lenet28"])
+def test_float32_stays_float32(case):
+    rng = np.random.default_rng(0)
+    model, params, x, targets = problem(case, rng, dtype="float32")
+    v = {k: np.ones_like(p) for k, p in params.items()}
+    fast = fused.gradient_for(model.apply, losses.cross_entropy)
+    value, grads = fast.value_and_grad(params, x, targets)
+    g, h, hx = fast.grad_and_vjp(params, x, targets, v)
+    assert np.asarray(value).dtype == np.float32
+    assert {a.dtype for a in [*grads.values(), *g.values(), *h.values(), hx]} == {np.dtype("float32")}
