@@ -68,9 +68,10 @@ fi
 torch_version=$("$TORCH_PYTHON" -c 'import torch; print(torch.__version__)')
 case $torch_version in 2.13.0*) ;; *) echo "warning: torch $torch_version, the reference numbers used 2.13.0" >&2 ;; esac
 ddref_at=$(cd "$root" && "$DDREF_PYTHON" -c 'import ddref, os; print(os.path.dirname(ddref.__file__))')
-blas=$(cd "$root" && "$DDREF_PYTHON" -c 'import numpy
+blas_py='import numpy
 from threadpoolctl import threadpool_info
-print(", ".join(f"{p[\"internal_api\"]} {p[\"version\"]} kernel {p.get(\"architecture\")}" for p in threadpool_info()))' 2>/dev/null || echo "?")
+print(", ".join(p["internal_api"] + " " + p["version"] + " kernel " + str(p.get("architecture")) for p in threadpool_info()))'
+blas=$(cd "$root" && "$DDREF_PYTHON" -c "$blas_py" 2>/dev/null) || blas="?"
 
 logs=$(mktemp -d "${TMPDIR:-/tmp}/compare_torch.XXXXXX")
 echo "# compare_torch.sh  $(date '+%Y-%m-%d %H:%M:%S')  $(uname -m), $(nproc) CPUs"

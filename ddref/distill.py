@@ -298,19 +298,22 @@ class Distiller:
         """The outer loss and its gradient, averaged over the ``n_nets`` networks."""
         cfg = self.config
         n_nets = cfg.n_nets if cfg.init in SAMPLED else 1
-        loss, grad_x, grad_raw = 0.0, 0.0, 0.0
-        for _ in range(n_nets):
-            theta0 = self.sample_theta0()
-            x_real, real_targets = self.sample_real_batch()
-            if cfg.momentum or cfg.truncate or cfg.engine not in hypergrad.ENGINES:
-                mg = reversible.meta_gradient(cfg.engine, self.model.apply, theta0, self.x,
-                                              self.targets, self.raw_lrs, x_real, real_targets,
-                                              momentum=cfg.momentum, truncate=cfg.truncate)
-            else:
-                mg = hypergrad.meta_gradient(cfg.engine, self.model.apply, theta0, self.x,
-                                             self.targets, self.raw_lrs, x_real, real_targets)
-            loss, grad_x, grad_raw = loss + mg.loss, grad_x + mg.grad_x, grad_raw + mg.grad_raw_lrs
-        return loss / n_nets, grad_x / n_nets, grad_raw / n_nets
+        theta0s, x_reals, real_targets = [], [], []
+        for _ in range(n_nets):                  # same draws, same order as one net at a time
+            theta0s.append(self.sample_theta0())
+            x_real, targets = self.sample_real_batch()
+            x_reals.append(x_real)
+            real_targets.append(targets)
+        if cfg.momentum or cfg.truncate or cfg.engine not in hypergrad.ENGINES:
+            meta = [reversible.meta_gradient(cfg.engine, self.model.apply, theta0, self.x,
+                                             self.targets, self.raw_lrs, x_real, targets,
+                                             momentum=cfg.momentum, truncate=cfg.truncate)
+                    for theta0, x_real, targets in zip(theta0s, x_reals, real_targets)]
+            return (sum(m.loss for m in meta) / n_nets, sum(m.grad_x for m in meta) / n_nets,
+                    sum(m.grad_raw_lrs for m in meta) / n_nets)
+        mg = hypergrad.mean_meta_gradient(cfg.engine, self.model.apply, theta0s, self.x, self.targets,
+                                          self.raw_lrs, x_reals, real_targets)
+        return mg.loss, mg.grad_x, mg.grad_raw_lrs
 
     def meta_gradient_in_order(self):
         """The meta-gradient with the steps in their order, or — with ``order='random'`` — in

@@ -79,21 +79,21 @@ class CrossEntropy:
 
     @staticmethod
     def forward(logits, targets):
-        n = logits.shape[0]
-        log_p = losses.log_softmax(logits)
+        n = logits.shape[-2]
+        log_p = _log_softmax(logits)
         p = anp.exp(log_p)
-        row_mass = anp.sum(targets, axis=1, keepdims=True)
+        row_mass = anp.sum(targets, axis=-1, keepdims=True)
         return -anp.sum(targets * log_p) / n, (p * row_mass - targets) / n, (p, row_mass, log_p)
 
     @staticmethod
     def target_grad(cache, grad_z):
-        return -cache[2] / grad_z.shape[0]
+        return -cache[2] / grad_z.shape[-2]
 
     @staticmethod
     def tangent(cache, targets, z_dot):
         p, row_mass, _ = cache
-        n = z_dot.shape[0]
-        log_p_dot = z_dot - anp.sum(p * z_dot, axis=1, keepdims=True)    # d log softmax
+        n = z_dot.shape[-2]
+        log_p_dot = z_dot - anp.sum(p * z_dot, axis=-1, keepdims=True)   # d log softmax
         return p * log_p_dot * row_mass / n, -log_p_dot / n
 
 
@@ -102,7 +102,7 @@ class SquaredError:
 
     @staticmethod
     def forward(outputs, targets):
-        n = outputs.shape[0]
+        n = outputs.shape[-2]
         residual = outputs - targets
         return 0.5 * anp.sum(residual ** 2) / n, residual / n, None
 
@@ -112,11 +112,17 @@ class SquaredError:
 
     @staticmethod
     def tangent(cache, targets, z_dot):
-        n = z_dot.shape[0]
+        n = z_dot.shape[-2]
         return z_dot / n, -z_dot / n
 
 
 LOSSES = {losses.cross_entropy: CrossEntropy, losses.squared_error: SquaredError}
+
+
+def _log_softmax(logits):
+    """``losses.log_softmax`` along the last axis (the same operations for (N, K) logits)."""
+    shifted = logits - anp.max(getval(logits), axis=-1, keepdims=True)
+    return shifted - anp.log(anp.sum(anp.exp(shifted), axis=-1, keepdims=True))
 
 
 # ---------------------------------------------------------------------------- layers
@@ -130,26 +136,42 @@ LOSSES = {losses.cross_entropy: CrossEntropy, losses.squared_error: SquaredError
 class Flatten:
     params = ()
 
+    # images (…, C, H, W) → (…, C·H·W): a leading axis of stacked networks stays
+
     def forward(self, params, h):
-        return nn.flatten(h), h.shape
+        return anp.reshape(h, (*h.shape[:-3], -1)), h.shape
 
     def tangent(self, params, dparams, shape, h_dot):
-        return (None if h_dot is None else nn.flatten(h_dot)), None
+        return (None if h_dot is None else anp.reshape(h_dot, (*h_dot.shape[:-3], -1))), None
 
     def backward(self, params, shape, g, need_input_grad):
-        return (anp.reshape(g, shape) if need_input_grad else None), {}
+        return (_unflatten(g, shape) if need_input_grad else None), {}
 
     def backward_tangent(self, params, dparams, shape, tcache, g, g_dot, need_input_grad):
-        return anp.reshape(g, shape), anp.reshape(g_dot, shape), {}, {}
+        return _unflatten(g, shape), _unflatten(g_dot, shape), {}, {}
 
     def __repr__(self):
         return "Flatten()"
+
+
+def _unflatten(g, shape):
+    return anp.reshape(g, (*g.shape[:-1], *shape[-3:]))
 
 
 def _relu_mask(z):
     """[z > 0] as a constant of z's dtype (the derivative of relu; piecewise constant)."""
     z = getval(z)
     return (z > 0).astype(z.dtype)
+
+
+def _t(a):
+    """The matrix transpose (of the last two axes; a view)."""
+    return anp.swapaxes(a, -1, -2)
+
+
+def _row(b):
+    """A bias (out,) — or (K, out) for K stacked networks — broadcast over the rows of z."""
+    return b if len(b.shape) == 1 else anp.expand_dims(b, -2)
 
 
 @dataclass(frozen=True)
@@ -165,7 +187,7 @@ class Dense:
         return (self.w, self.b)
 
     def forward(self, params, h):
-        z = nn.matmul(h, params[self.w]) + params[self.b]
+        z = nn.matmul(h, params[self.w]) + _row(params[self.b])
         if not self.relu:
             return z, (h, None)
         mask = _relu_mask(z)
@@ -173,7 +195,7 @@ class Dense:
 
     def tangent(self, params, dparams, cache, h_dot):
         h, mask = cache
-        z_dot = nn.matmul(h, dparams[self.w]) + dparams[self.b]
+        z_dot = nn.matmul(h, dparams[self.w]) + _row(dparams[self.b])
         if h_dot is not None:
             z_dot = z_dot + nn.matmul(h_dot, params[self.w])
         return (z_dot if mask is None else z_dot * mask), h_dot
@@ -182,8 +204,8 @@ class Dense:
         h, mask = cache
         if mask is not None:
             g = g * mask
-        grads = {self.w: nn.matmul(anp.transpose(h), g), self.b: anp.sum(g, axis=0)}
-        g_h = nn.matmul(g, anp.transpose(params[self.w])) if need_input_grad else None
+        grads = {self.w: nn.matmul(_t(h), g), self.b: anp.sum(g, axis=-2)}
+        g_h = nn.matmul(g, _t(params[self.w])) if need_input_grad else None
         return g_h, grads
 
     def backward_tangent(self, params, dparams, cache, h_dot, g, g_dot, need_input_grad):
@@ -191,14 +213,13 @@ class Dense:
         if mask is not None:
             g, g_dot = g * mask, g_dot * mask
         g_h, grads = self.backward(params, (h, None), g, need_input_grad)
-        dw = nn.matmul(anp.transpose(h), g_dot)
+        dw = nn.matmul(_t(h), g_dot)
         if h_dot is not None:
-            dw = dw + nn.matmul(anp.transpose(h_dot), g)
-        dgrads = {self.w: dw, self.b: anp.sum(g_dot, axis=0)}
+            dw = dw + nn.matmul(_t(h_dot), g)
+        dgrads = {self.w: dw, self.b: anp.sum(g_dot, axis=-2)}
         g_h_dot = None
         if need_input_grad:
-            g_h_dot = (nn.matmul(g_dot, anp.transpose(params[self.w]))
-                       + nn.matmul(g, anp.transpose(dparams[self.w])))
+            g_h_dot = nn.matmul(g_dot, _t(params[self.w])) + nn.matmul(g, _t(dparams[self.w]))
         return g_h, g_h_dot, grads, dgrads
 
 
@@ -455,7 +476,14 @@ def _backprop(layers, loss, params, x, targets, wrt_inputs):
     for i in range(len(layers) - 1, last - 1, -1):
         g, layer_grads = layers[i].backward(params, caches[i], g, need_input_grad=wrt_inputs or i > last)
         grads.update(layer_grads)
-    return value, grads, g if wrt_inputs else None, grad_targets
+    if not wrt_inputs:
+        return value, grads, None, None
+    return value, grads, _shared(g, x), _shared(grad_targets, targets)
+
+
+def _shared(g, like):
+    """The gradient of an input shared by K stacked networks: the sum over the leading axis."""
+    return anp.sum(g, axis=0) if len(g.shape) > len(like.shape) else g
 
 
 def network_grad_and_hvp(layers, loss, params, x, targets, dparams):
@@ -478,7 +506,7 @@ def network_grad_and_hvp(layers, loss, params, x, targets, dparams):
             params, dparams, caches[i], tcaches[i], g, g_dot, need_input_grad=True)
         grads.update(layer_grads)
         dgrads.update(layer_dgrads)
-    return grads, dgrads, g_dot, targets_dot
+    return grads, dgrads, _shared(g_dot, x), _shared(targets_dot, targets)
 
 
 @primitive
@@ -562,10 +590,15 @@ defvjp_argnums(_step, _step_vjp)
 class FastGradient:
     """The hand-written gradient of one model and loss: ``value_and_grad``, ``grad`` (an
     autograd primitive, so tracing it costs one node) and ``grad_and_vjp`` (the gradient and
-    its vector–Jacobian product, for back-gradient's reverse steps)."""
+    its vector–Jacobian product, for back-gradient's reverse steps).
+
+    ``stackable``: the layers also take K networks at once — every parameter with a leading
+    axis K, the images shared (N, C, H, W) or per network (K, N, C, H, W); the loss is then
+    the sum of the K networks' losses (dense layers only; used untraced by back-gradient)."""
 
     def __init__(self, layers, loss):
         self.layers, self.loss = layers, loss
+        self.stackable = all(isinstance(layer, (Flatten, Dense)) for layer in layers)
 
     def value(self, params, x, targets):
         """ℓ(x, θ), one autograd node when traced."""

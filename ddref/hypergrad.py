@@ -73,6 +73,33 @@ def meta_gradient(engine, apply, theta0, x_distilled, targets, raw_lrs, x_real, 
     return engine_function(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets, loss)
 
 
+def mean_meta_gradient(engine, apply, theta0s, x_distilled, targets, raw_lrs, x_reals, real_targets,
+                       loss=cross_entropy):
+    """The meta-gradient averaged over networks: network k starts from ``theta0s[k]`` and is
+    judged on ``x_reals[k]`` against ``real_targets[k]`` (random init, §3.3, several θ0 per
+    iteration).  Mathematically the mean of :func:`meta_gradient` over k.
+
+    With back-gradient and a model whose fast path stacks (the MLP), the K networks are
+    trained side by side as one computation: every parameter gets a leading axis K, the
+    distilled images are shared, each inner step's matrix products become batched products,
+    and the meta-gradient of the summed outer loss divided by K is the mean (the K
+    networks are independent, so ∂/∂θ_k of the sum is network k's own gradient)."""
+    k = len(theta0s)
+    fast = fused.gradient_for(apply, loss)
+    if k > 1 and engine == "backgrad" and fast is not None and fast.stackable:
+        check_finite("the distilled images", x_distilled)
+        check_finite("the raw learning rates", raw_lrs)
+        stacked = {name: anp.stack([theta0[name] for theta0 in theta0s]) for name in theta0s[0]}
+        mg = backgrad(apply, stacked, x_distilled, targets, raw_lrs, anp.stack(x_reals),
+                      anp.stack(real_targets), loss)
+        return MetaGradient(mg.loss / k, mg.grad_x / k, mg.grad_raw_lrs / k)
+    total_loss, grad_x, grad_raw = 0.0, 0.0, 0.0
+    for theta0, x_real, targets_real in zip(theta0s, x_reals, real_targets):
+        mg = meta_gradient(engine, apply, theta0, x_distilled, targets, raw_lrs, x_real, targets_real, loss)
+        total_loss, grad_x, grad_raw = total_loss + mg.loss, grad_x + mg.grad_x, grad_raw + mg.grad_raw_lrs
+    return MetaGradient(total_loss / k, grad_x / k, grad_raw / k)
+
+
 def naive(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets, loss=cross_entropy):
     """Autograd through the whole unroll."""
 

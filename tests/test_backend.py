@@ -158,14 +158,16 @@ def test_float32_stays_float32_on_the_device(device, rel_err):
     assert rel_err(backend.to_numpy(mg.grad_x), ref.grad_x) < (1e-12 if name == "fake" else 1e-4)
 
 
-@pytest.mark.parametrize("init, engine, objective", [("fixed", "backgrad", "classify"),
-                                                     ("random", "naive", "attack")])
-def test_distillation_runs_on_the_device(device, init, engine, objective, rel_err):
-    """A few outer iterations of Algorithm 1 and the evaluation, on the device and on numpy."""
+@pytest.mark.parametrize("init, engine, objective, n_nets", [("fixed", "backgrad", "classify", 1),
+                                                             ("random", "naive", "attack", 1),
+                                                             ("random", "backgrad", "classify", 3)])
+def test_distillation_runs_on_the_device(device, init, engine, objective, n_nets, rel_err):
+    """A few outer iterations of Algorithm 1 and the evaluation, on the device and on numpy
+    (random init with 3 networks: the stacked back-gradient)."""
     from ddref import distill
 
     name, xp = device
-    config = distill.DistillConfig(dataset="digits", model="mlp", init=init, engine=engine,
+    config = distill.DistillConfig(dataset="digits", model="mlp", init=init, engine=engine, n_nets=n_nets,
                                    objective=objective, steps=2, epochs=2, batch_size=32,
                                    iterations=2, eval_every=0, eval_inits=1, checkpoint_every=0,
                                    dtype="float64")

@@ -143,8 +143,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(digits, tmp_path, 
         mg = real(*args, **kwargs)
         return hypergrad.MetaGradient(float("nan"), mg.grad_x, mg.grad_raw_lrs)
 
-    real = hypergrad.meta_gradient
-    monkeypatch.setattr(hypergrad, "meta_gradient", poisoned)
+    real = hypergrad.mean_meta_gradient
+    monkeypatch.setattr(hypergrad, "mean_meta_gradient", poisoned)
     with pytest.raises(DistillError, match="became NaN/inf at iteration 3.*diverged"):
         distiller.run(iterations=4, checkpoint_path=checkpoint)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from autograd import grad
 
-from ddref import hypergrad, losses, nn
+from ddref import fused, hypergrad, losses, nn
 from ddref.unroll import inverse_softplus, sgd_step, softplus, step_schedule, unroll
 
 STEPS, EPOCHS, PER_STEP, N_REAL = 3, 2, 10, 16
@@ -268,6 +268,35 @@ def test_unroll_mismatched_lrs_shape():
 
 
 # ---------------------------------------------------------------------------- unroll
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_mean_meta_gradient_of_stacked_networks_is_the_mean(name, rel_err):
+    """K networks at once (stacked for the MLP's back-gradient) give the mean of the K
+    one-network meta-gradients, for either engine and path."""
+    problems = [make_problem(name, seed=s) for s in (11, 12, 13)]
+    p = problems[0]
+    theta0s = [q["theta0"] for q in problems]
+    x_reals = [q["x_real"] for q in problems]
+    real_targets = [q["real_targets"] for q in problems]
+    singles = [hypergrad.meta_gradient("naive", p["apply"], th, p["x_distilled"], p["targets"], p["raw_lrs"],
+                                       xr, tr) for th, xr, tr in zip(theta0s, x_reals, real_targets)]
+    want_loss = np.mean([m.loss for m in singles])
+    want_x = np.mean([m.grad_x for m in singles], axis=0)
+    want_raw = np.mean([m.grad_raw_lrs for m in singles], axis=0)
+    for engine in hypergrad.ENGINES:
+        mg = hypergrad.mean_meta_gradient(engine, p["apply"], theta0s, p["x_distilled"], p["targets"],
+                                          p["raw_lrs"], x_reals, real_targets)
+        assert rel_err(mg.loss, want_loss) < AGREE, engine
+        assert rel_err(mg.grad_x, want_x) < AGREE, engine
+        assert rel_err(mg.grad_raw_lrs, want_raw) < AGREE, engine
+
+
+def test_the_mlp_stacks_and_lenet_does_not():
+    mlp = nn.build_model("mlp", (1, 8, 8), 10)
+    assert fused.gradient_for(mlp.apply, losses.cross_entropy).stackable
+    lenet = nn.build_model("lenet", (1, 28, 28), 10)
+    assert not fused.gradient_for(lenet.apply, losses.cross_entropy).stackable
 
 
 def test_unroll_blames_images_without_the_step_axis():

@@ -69,7 +69,7 @@ def assert_same_run(a, b):
 POINTS = [
     # (what is patched, on which call the SIGINT comes)
     ((Distiller, "sample_real_batch"), 5),      # the real batch of iteration 5 has been drawn
-    ((hypergrad, "meta_gradient"), 3),          # after the meta-gradient of iteration 3
+    ((hypergrad, "mean_meta_gradient"), 3),     # after the meta-gradient of iteration 3
     ((evaluate.Adam, "step"), 4),               # Adam has updated its moments and the images
     ((Distiller, "record_accuracy"), 2),        # while evaluating the curve point at 2
     ((distill, "atomic_savez"), 1),             # while writing the periodic checkpoint
@@ -102,8 +102,8 @@ def test_divergence_keeps_the_last_good_state_whatever_the_interval(digits, tmp_
     distiller.run(iterations=3, checkpoint_path=checkpoint)
     good_x = distiller.x.copy()
 
-    real = hypergrad.meta_gradient
-    monkeypatch.setattr(hypergrad, "meta_gradient", lambda *a, **k: hypergrad.MetaGradient(
+    real = hypergrad.mean_meta_gradient
+    monkeypatch.setattr(hypergrad, "mean_meta_gradient", lambda *a, **k: hypergrad.MetaGradient(
         float("nan"), real(*a, **k).grad_x, real(*a, **k).grad_raw_lrs))
     with pytest.raises(Exception, match=r"iteration 4.*last good state \(iteration 3\) is saved in "
                                         r".*--resume --out .* --lr"):
