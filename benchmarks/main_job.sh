@@ -17,6 +17,7 @@ ITERATIONS=${ITERATIONS:-1000}
 TORCH_PYTHON=${TORCH_PYTHON:-python}
 TORCH_DD=${TORCH_DD:-$root/../shared/reference/torch_dd.py}
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 
 seconds() { local start=$(date +%s.%N); "$@" > "$OUT/last.log" 2>&1; local rc=$?
             python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')"; return $rc; }
@@ -29,7 +30,9 @@ print(f\"{100 * m['distilled_accuracy']['mean']:.2f}% (random real {100 * m['ran
 if "$TORCH_PYTHON" -c 'import torch' 2>/dev/null && [[ -f $TORCH_DD ]]; then
     torch_s=$(seconds "$TORCH_PYTHON" "$TORCH_DD" --arch mlp --data digits --iters "$ITERATIONS" \
               --threads "$THREADS")
-    torch_acc=$(grep -iE "acc" "$OUT/last.log" | tail -n 2 | tr '\n' ' ')
+    distilled=$(grep "EVAL distilled" "$OUT/last.log" | sed 's/.*test acc \([0-9.]*\).*/\1/')
+    real=$(grep "EVAL random-real baseline" "$OUT/last.log" | sed 's/.*test acc \([0-9.]*\) +- \([0-9.]*\).*/\1 ± \2/')
+    torch_acc="${distilled}% (random real ${real}%)"
 else
     torch_s="n/a"; torch_acc="(no torch: set TORCH_PYTHON)"
 fi
