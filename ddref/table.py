@@ -425,7 +425,10 @@ def markdown(grid, rows, missing=()):
         lines.append("")
     if notes:
         lines += ["† Where the distilled set does not beat a baseline:", ""]
-        for (dataset, model, init, distilled) in dict.fromkeys((n[0], n[1], n[2], n[4]) for n in notes):
+        settings = [(s.dataset, s.model) for s in grid.settings]
+        in_grid_order = sorted(dict.fromkeys((n[0], n[1], n[2], n[4]) for n in notes),
+                               key=lambda k: (settings.index(k[:2]), grid.inits.index(k[2])))
+        for (dataset, model, init, distilled) in in_grid_order:
             beating = "; ".join(n[3] for n in notes if (n[0], n[1], n[2]) == (dataset, model, init))
             lines.append(f"- {dataset}/{model}, {init} init (distilled {distilled}): {beating}")
         lines.append("")
@@ -501,7 +504,8 @@ def readme_section(table_md, command, figure="results/table.png"):
              "edit neither by hand -->", "",
              f"Made by `{command}` (`results/table.md`, every number with its n, seed and "
              f"command in `results/table.json`):", ""]
-    lines += ["#" + line if line.startswith("#") else line for line in body[1:]]
+    lines += ["#" + line if line.startswith("#") else line
+              for line in "\n".join(body[1:]).strip().splitlines()]
     lines += ["", f"![{command}: test accuracy of every method]({figure})", "", README_END]
     return "\n".join(line.rstrip() for line in lines)
 
