@@ -30,7 +30,10 @@ or with ray: ``from ray.util.joblib import register_ray; register_ray()`` and
 sets available; the run folder must be on storage that every worker can write.
 
 Outputs: ``OUT/table.md``, ``OUT/table.json`` (every number with mean, std, n, seed and the
-command that made it) and ``OUT/table.png``.
+command that made it) and ``OUT/table.png``.  The README's results section is made from the
+committed ``results/table.md``, never typed: ``python -m ddref.table --readme`` rewrites the text
+between ``<!-- results:start -->`` and ``<!-- results:end -->`` (tests/test_table.py fails when
+the two differ).
 """
 
 from __future__ import annotations
