@@ -151,3 +151,69 @@ def test_a_killed_distilled_cell_resumes_from_its_checkpoint_exactly(finished, t
     assert started_at == [config.iterations // 2]
     resumed = json.loads((folder / "result.json").read_text())["rows"]
     assert resumed == json.loads((out / "cells" / cell.name / "result.json").read_text())["rows"]
+
+
+# ---------------------------------------------------------------------------- the README's block
+
+
+def _block(text):
+    start, end = text.index(table.README_START), text.index(table.README_END)
+    return text[start: end + len(table.README_END)]
+
+
+def test_the_readme_results_are_the_committed_table_not_typed():
+    """README.md's results block is exactly what `python -m ddref.table --readme` makes from
+    the committed results/table.md: a hand edit of either fails here."""
+    results = ROOT / "results"
+    command = json.loads((results / "table.json").read_text())["command"]
+    expected = table.readme_section((results / "table.md").read_text(), command)
+    assert _block((ROOT / "README.md").read_text()) == expected
+    assert command == "ddref table --grid readme"
+
+
+@pytest.fixture
+def small_results(tmp_path):
+    """A results folder with a one-row table.md and its table.json."""
+    results = tmp_path / "results"
+    results.mkdir()
+    grid = table.Grid("readme", SMALL.settings, inits=("fixed",), notes=("fewer iterations.",))
+    rows = [{"dataset": "digits", "model": "mlp", "init": "fixed", "method": "distilled",
+             "kind": "training", "mean": 0.9, "std": 0.0, "n": 1}]
+    (results / "table.md").write_text(table.markdown(grid, rows))
+    (results / "table.json").write_text(json.dumps({"command": "ddref table --grid readme"}))
+    return results
+
+
+def test_the_readme_block_is_rewritten_between_its_markers_only(tmp_path, small_results):
+    before, after = "# title\n\n## Results\n\n", "\n\n## Next\n\ntext\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(before + f"{table.README_START}\nold, typed by hand\n{table.README_END}" + after)
+    assert main_readme(readme, small_results) == 0
+    text = readme.read_text()
+    assert text.startswith(before) and text.endswith(after) and "typed by hand" not in text
+    block = _block(text)
+    assert "Made by `ddref table --grid readme`" in block
+    assert "\n### digits / mlp: 2 steps × 1 epochs" in block and "\n# Results" not in block
+    assert "- fewer iterations." in block            # the grid's departures are in the notes
+    assert "| distilled | 90.0 |" in block
+    assert "](results/table.png)" in block
+    assert main_readme(readme, small_results) == 0 and readme.read_text() == text   # idempotent
+
+
+def test_a_readme_without_its_markers_is_one_clear_line(tmp_path, small_results, capsys):
+    readme = tmp_path / "README.md"
+    for text in ("## Results\n\nno markers\n",
+                 f"{table.README_END}\n{table.README_START}\n",
+                 f"{table.README_START}\n{table.README_START}\n{table.README_END}\n"):
+        readme.write_text(text)
+        assert main_readme(readme, small_results) == 2
+        assert "must hold one <!-- results:start --> line followed by one <!-- results:end -->" \
+            in capsys.readouterr().err
+        assert readme.read_text() == text
+    assert main_readme(readme, tmp_path / "nowhere") == 2
+    assert "nowhere/table.md does not exist; run `ddref table --grid readme` first" in \
+        capsys.readouterr().err
+
+
+def main_readme(readme, results):
+    return table.main(["--readme", "--readme-path", str(readme), "--results", str(results)])
