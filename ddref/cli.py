@@ -76,6 +76,7 @@ CONFIG_HELP = {
     "images": "distilled images per step, classes assigned round-robin — fewer than the "
               "classes is meaningful with --learn-labels; with fixed labels the last classes "
               "get no image (0: --images-per-class × classes)",
+    "label_lr": "--learn-labels: outer Adam learning rate of the label logits (decays like --lr)",
 }
 
 

@@ -90,6 +90,7 @@ class DistillConfig:
     # beyond the paper (ddref.labels): learned soft labels, any number of images per step
     learn_labels: bool = False       # learn a label distribution (softmax of logits) for every image
     images: int = 0                  # images per step, classes assigned round-robin (0: images_per_class × K)
+    label_lr: float = 0.1            # learned labels: outer Adam lr of the label logits (decays with --lr)
 
     @property
     def num_inner_steps(self):
@@ -140,6 +141,9 @@ class DistillConfig:
             (0 <= self.pretrained_net < self.pool_nets, "pretrained_net",
              f"must name a network of the pool, 0 … {self.pool_nets - 1}; raise --pool-nets or "
              f"lower --pretrained-net"),
+            (0 < self.label_lr < math.inf, "label_lr", "must be a positive finite number"),
+            (self.learn_labels or self.label_lr == DistillConfig.label_lr, "label_lr",
+             "only applies with --learn-labels"),
             (self.images >= 0, "images", "must be 0 (use --images-per-class) or a number of images"),
             (not self.images or self.images_per_class == 1, "images",
              "and --images-per-class both set the images per step: give only one of them"),
@@ -384,7 +388,11 @@ class Distiller:
         self.adam.lr = self.outer_lr()
         updated = self.adam.step(self.learned(), grads)
         self.x, self.raw_lrs = updated["x"], updated["raw_lrs"]
-        self.label_logits = updated.get("label_logits")
+        if self.label_logits is not None:
+            # Adam's step is lr · m̂/(√v̂ + ε): scaling it by label_lr / lr is Adam with the
+            # learning rate label_lr (decayed on the same schedule) for the logits
+            step = updated["label_logits"] - self.label_logits
+            self.label_logits = self.label_logits + (self.config.label_lr / self.config.lr) * step
         self.iteration += 1
         self.history.iterations.append(self.iteration)
         self.history.losses.append(loss)

@@ -286,6 +286,8 @@ def test_hard_labels_with_fewer_images_than_classes(digits):
     (dict(images=5, images_per_class=2), "--images and --images-per-class both set"),
     (dict(images=-1), "--images must be 0"),
     (dict(learn_labels=1), "--learn-labels must be bool"),
+    (dict(label_lr=0.0), "--label-lr must be a positive finite number"),
+    (dict(learn_labels=False, label_lr=0.5), "--label-lr only applies with --learn-labels"),
 ])
 def test_bad_label_settings_are_one_sentence(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -324,3 +326,18 @@ def test_cli_learns_labels_and_evaluate_reproduces(tmp_path, capsys):
     assert "reproduced" in capsys.readouterr().out
     assert cli.main(["evaluate", str(out), "--order", "shuffled"]) == 2
     assert "learned soft labels, which --order and --model do not use" in capsys.readouterr().err
+
+
+def test_label_lr_is_the_adam_rate_of_the_logits(digits):
+    """The first Adam step moves every parameter by lr · m̂/(√v̂ + ε): doubling --label-lr
+    doubles the step of the logits and leaves the images as they were."""
+    steps = {}
+    for label_lr in (0.01, 0.02):
+        distiller = Distiller(config(lr=0.01, label_lr=label_lr, iterations=1, eval_every=0),
+                              dataset=digits, progress=False)
+        before = distiller.label_logits
+        distiller.step()
+        steps[label_lr] = (distiller.label_logits - before, distiller.x)
+    np.testing.assert_allclose(steps[0.02][0], 2 * steps[0.01][0], rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(steps[0.02][1], steps[0.01][1])
+XX
