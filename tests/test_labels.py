@@ -340,4 +340,4 @@ def test_label_lr_is_the_adam_rate_of_the_logits(digits):
         steps[label_lr] = (distiller.label_logits - before, distiller.x)
     np.testing.assert_allclose(steps[0.02][0], 2 * steps[0.01][0], rtol=1e-12, atol=0)
     np.testing.assert_array_equal(steps[0.02][1], steps[0.01][1])
-XX
+    assert np.abs(steps[0.01][0]).max() == pytest.approx(0.01, rel=1e-4)   # Adam: first step ±lr
