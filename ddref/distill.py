@@ -91,6 +91,7 @@ class DistillConfig:
     learn_labels: bool = False       # learn a label distribution (softmax of logits) for every image
     images: int = 0                  # images per step, classes assigned round-robin (0: images_per_class × K)
     label_lr: float = 0.1            # learned labels: outer Adam lr of the label logits (decays with --lr)
+    label_init: float = 0.9          # learned labels: initial probability of the assigned class
 
     @property
     def num_inner_steps(self):
@@ -143,6 +144,9 @@ class DistillConfig:
              f"lower --pretrained-net"),
             (0 < self.label_lr < math.inf, "label_lr", "must be a positive finite number"),
             (self.learn_labels or self.label_lr == DistillConfig.label_lr, "label_lr",
+             "only applies with --learn-labels"),
+            (0 < self.label_init < 1, "label_init", "must be a probability strictly between 0 and 1"),
+            (self.learn_labels or self.label_init == DistillConfig.label_init, "label_init",
              "only applies with --learn-labels"),
             (self.images >= 0, "images", "must be 0 (use --images-per-class) or a number of images"),
             (not self.images or self.images_per_class == 1, "images",
@@ -266,7 +270,8 @@ class Distiller:
         self.x = backend.normal(self.rng, (config.steps, len(self.labels), c, h, w), 1.0, dtype)
         self.raw_lrs = backend.asarray(
             np.full((config.epochs, config.steps), inverse_softplus(config.distill_lr)), dtype=dtype)
-        self.label_logits = (labels.initial_logits(self.labels, k, config.steps, dtype)
+        self.label_logits = (labels.initial_logits(self.labels, k, config.steps, dtype,
+                                                   config.label_init)
                              if config.learn_labels else None)
         self.adam = Adam(self.learned(), lr=config.lr, betas=config.betas)
         self.iteration = 0

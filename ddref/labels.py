@@ -15,8 +15,9 @@ classes — which is what lets *fewer images than classes* work at all.
 * :func:`assigned_labels` — the class each image starts from: N images for K classes,
   round-robin (image j gets class j mod K), listed class-major.  N = K·m gives the paper's
   m images per class.
-* :func:`initial_logits` — z[s, i] = c · onehot(label i) with c = log(9 (K − 1)), so every
-  target starts at 0.9 on its assigned class and 0.1 / (K − 1) on each other class.
+* :func:`initial_logits` — z[s, i] = c · onehot(label i) with c = log(p (K − 1) / (1 − p)),
+  so every target starts at p (``--label-init``, default 0.9) on its assigned class and
+  (1 − p) / (K − 1) on each other class.
 * :func:`soft_targets`, :func:`logits_gradient` — t = softmax(z) and the chain rule above.
 """
 
@@ -42,11 +43,11 @@ def assigned_labels(num_classes, n_images):
     return np.sort(np.arange(n_images) % num_classes)
 
 
-def initial_logits(labels, num_classes, steps, dtype="float32"):
-    """(S, n, K) logits c · onehot(label) for every step, c = log(0.9 (K − 1) / 0.1), so that
-    softmax puts 0.9 on the assigned class (for K = 1 there is nothing to learn: c = 0)."""
-    scale = math.log(INITIAL_CONFIDENCE * (num_classes - 1) / (1 - INITIAL_CONFIDENCE)) \
-        if num_classes > 1 else 0.0
+def initial_logits(labels, num_classes, steps, dtype="float32", confidence=INITIAL_CONFIDENCE):
+    """(S, n, K) logits c · onehot(label) for every step, c = log(p (K − 1) / (1 − p)), so
+    that softmax puts p = ``confidence`` on the assigned class and (1 − p)/(K − 1) on each
+    other class (for K = 1 there is nothing to learn: c = 0)."""
+    scale = math.log(confidence * (num_classes - 1) / (1 - confidence)) if num_classes > 1 else 0.0
     hard = scale * one_hot(labels, num_classes, dtype)
     return backend.xp().stack([hard] * steps).astype(dtype)
 

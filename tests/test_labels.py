@@ -177,6 +177,13 @@ def test_initial_logits_put_090_on_the_assigned_class():
     assert z.shape == t.shape == (2, 3, 10)
     np.testing.assert_allclose(t[:, [0, 1, 2], [0, 3, 3]], 0.9, rtol=1e-12)
     np.testing.assert_allclose(t.sum(axis=-1), 1.0, rtol=1e-12)
+    other = labels.soft_targets(labels.initial_logits(np.array([2]), 5, 1, "float64", 0.99))
+    np.testing.assert_allclose(other[0, 0], [0.0025, 0.0025, 0.99, 0.0025, 0.0025], rtol=1e-12)
+
+
+def test_label_init_sets_the_starting_labels(digits):
+    distiller = Distiller(config(label_init=0.5), dataset=digits, progress=False)
+    np.testing.assert_allclose(distiller.soft_labels()[:, range(5), range(5)], 0.5, rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -288,6 +295,8 @@ def test_hard_labels_with_fewer_images_than_classes(digits):
     (dict(learn_labels=1), "--learn-labels must be bool"),
     (dict(label_lr=0.0), "--label-lr must be a positive finite number"),
     (dict(learn_labels=False, label_lr=0.5), "--label-lr only applies with --learn-labels"),
+    (dict(label_init=1.0), "--label-init must be a probability strictly between 0 and 1"),
+    (dict(learn_labels=False, label_init=0.5), "--label-init only applies with --learn-labels"),
 ])
 def test_bad_label_settings_are_one_sentence(overrides, message):
     with pytest.raises(ValueError, match=message):
