@@ -329,7 +329,18 @@ class Distiller:
         return cfg.lr * cfg.lr_decay ** (self.iteration // cfg.decay_every)
 
     def meta_gradient(self):
-        """The outer loss and its gradient, averaged over the ``n_nets`` networks."""
+        """(outer loss, ∂L/∂x̃, ∂L/∂raw η̃), averaged over the ``n_nets`` networks."""
+        loss, grads = self.meta_gradients()
+        return loss, grads["x"], grads["raw_lrs"]
+
+    def meta_gradient_in_order(self):
+        """:meth:`meta_gradient` with the steps in the configured order."""
+        loss, grads = self.meta_gradients_in_order()
+        return loss, grads["x"], grads["raw_lrs"]
+
+    def meta_gradients(self):
+        """The outer loss and its gradient with respect to everything :meth:`learned` (a dict
+        keyed like it), averaged over the ``n_nets`` networks."""
         cfg = self.config
         n_nets = cfg.n_nets if cfg.init in SAMPLED else 1
         targets = self.inner_targets()
@@ -367,18 +378,18 @@ class Distiller:
             return self.targets
         return labels.soft_targets(self.label_logits)
 
-    def meta_gradient_in_order(self):
-        """The meta-gradient with the steps in their order, or — with ``order='random'`` — in
+    def meta_gradients_in_order(self):
+        """:meth:`meta_gradients` with the steps in their order, or — with ``order='random'`` — in
         a fresh random order (the rate η̃[e, s] stays with position s), mapped back to x̃."""
         if self.config.order == "learned":
-            return self.meta_gradient()
+            return self.meta_gradients()
         order = backend.asarray(self.rng.permutation(self.config.steps))
         images, logits = self.x, self.label_logits
         self.x = images[order]
         if logits is not None:               # each image keeps its own label
             self.label_logits = logits[order]
         try:
-            loss, grads = self.meta_gradient()
+            loss, grads = self.meta_gradients()
         finally:
             self.x, self.label_logits = images, logits
         for k in ("x", "label_logits"):
@@ -388,7 +399,7 @@ class Distiller:
         return loss, grads
 
     def step(self):
-        loss, grads = self.meta_gradient_in_order()
+        loss, grads = self.meta_gradients_in_order()
         self._check_healthy(loss, *grads.values())
         self.adam.lr = self.outer_lr()
         updated = self.adam.step(self.learned(), grads)

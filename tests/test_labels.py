@@ -236,11 +236,11 @@ def test_random_order_keeps_each_image_with_its_label(digits):
     b = Distiller(config(order="learned", steps=3), dataset=digits, progress=False)
     a.label_logits = a.label_logits + np.random.default_rng(0).normal(size=a.label_logits.shape)
     state = a.rng.bit_generator.state
-    loss, grads = a.meta_gradient_in_order()
+    loss, grads = a.meta_gradients_in_order()
     b.rng.bit_generator.state = state
     order = b.rng.permutation(3)
     b.x, b.label_logits = a.x[order], a.label_logits[order]
-    expected_loss, expected = b.meta_gradient()
+    expected_loss, expected = b.meta_gradients()
     assert loss == expected_loss
     for k in ("x", "label_logits"):
         np.testing.assert_array_equal(grads[k][order], expected[k])
