@@ -356,6 +356,11 @@ def _draw(out, distilled, history, baseline, stem=""):
 
     classes = distilled.classes or [str(c) for c in range(int(distilled.labels.max()) + 1)]
     plt.close(plot.plot_distilled(distilled, class_names=classes, path=out / f"{stem}distilled.png"))
+    if distilled.soft_labels is not None:
+        from ddref.labels import plot_soft_labels
+
+        plt.close(plot_soft_labels(distilled.soft_labels, classes, path=out / f"{stem}labels.png",
+                                   title="learned label distributions (rows: images, step by step)"))
     if history is None:
         return
     cfg = distilled.config

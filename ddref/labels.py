@@ -76,9 +76,9 @@ def check_soft_labels(soft_labels, steps, n_images, num_classes=None):
     return None
 
 
-def plot_soft_labels(soft_labels, class_names=None, title=None, path=None, max_steps=1):
-    """A heat map of the label distributions of the first ``max_steps`` steps: one row per
-    distilled image (labelled by its assigned class), one column per class."""
+def plot_soft_labels(soft_labels, class_names=None, title=None, path=None, max_steps=None):
+    """A heat map of the label distributions of the first ``max_steps`` steps (default all):
+    one row per distilled image, step after step, one column per class."""
     import matplotlib.pyplot as plt
 
     s = np.asarray(soft_labels)[:max_steps]
@@ -90,7 +90,9 @@ def plot_soft_labels(soft_labels, class_names=None, title=None, path=None, max_s
     ax.set_xticks(range(k), names, fontsize=8)
     ax.set_xlabel("class")
     ax.set_ylabel("distilled image")
-    ax.set_yticks(range(len(rows)), [f"{i}" for i in range(len(rows))], fontsize=7)
+    n = s.shape[1]
+    ax.set_yticks(range(len(rows)), [f"step {i // n + 1}, {i % n}" for i in range(len(rows))],
+                  fontsize=6)
     fig.colorbar(image, ax=ax, label="target probability")
     if title:
         ax.set_title(title, fontsize=10)

@@ -225,7 +225,7 @@ class DistilledSet:
 # ---------------------------------------------------------------------------- the run folder
 
 RUN_FILES = ("distilled.npz", "distilled.png", "curves.png", "metrics.json", "checkpoint.npz",
-             "pools.json")
+             "pools.json", "labels.png")
 
 
 def _is_run_file(name):

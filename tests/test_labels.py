@@ -330,6 +330,7 @@ def test_cli_learns_labels_and_evaluate_reproduces(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["learn_labels"] is True and metrics["n_images"] == 5
     assert DistilledSet.load(out / "distilled.npz").soft_labels.shape == (1, 5, 10)
+    assert (out / "labels.png").stat().st_size > 0          # the label distributions, drawn
     capsys.readouterr()
     assert cli.main(["evaluate", str(out)]) == 0
     assert "reproduced" in capsys.readouterr().out
