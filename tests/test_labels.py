@@ -351,3 +351,35 @@ def test_label_lr_is_the_adam_rate_of_the_logits(digits):
     np.testing.assert_allclose(steps[0.02][0], 2 * steps[0.01][0], rtol=1e-12, atol=0)
     np.testing.assert_array_equal(steps[0.02][1], steps[0.01][1])
     assert np.abs(steps[0.01][0]).max() == pytest.approx(0.01, rel=1e-4)   # Adam: first step ±lr
+
+
+@pytest.mark.parametrize("engine", hypergrad.ENGINES)
+def test_learned_labels_on_the_fake_device(engine, rel_err):
+    """Label learning creates no host arrays: on the strict fake device (tests/fake_device.py)
+    it gives numpy's numbers, random step order and evaluation included."""
+    from ddref import _cupy, backend
+    try:
+        from fake_device import FakeArray, fake_xp
+    except ImportError:  # tests/ imported as a package
+        from tests.fake_device import FakeArray, fake_xp
+
+    cfg = DistillConfig(dataset="digits", model="mlp", engine=engine, steps=2, epochs=2,
+                        batch_size=32, iterations=2, eval_every=0, eval_inits=1,
+                        checkpoint_every=0, dtype="float64", learn_labels=True, images=5,
+                        order="random")
+
+    def run():
+        distiller = Distiller(cfg, progress=False)
+        for _ in range(2):
+            distiller.step()
+        return distiller, distiller.accuracy(), distiller.distilled_set()
+
+    _cupy.install(fake_xp, FakeArray)
+    with backend._using_namespace("fake", fake_xp) as xp:
+        on_device, device_accuracy, device_set = run()
+        assert type(on_device.label_logits) is xp.ndarray
+    with backend.using("numpy"):
+        on_host, host_accuracy, host_set = run()
+    assert rel_err(backend.to_numpy(on_device.label_logits), on_host.label_logits) < 1e-12
+    assert rel_err(device_set.soft_labels, host_set.soft_labels) < 1e-12
+    assert str(device_accuracy) == str(host_accuracy)
