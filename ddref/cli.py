@@ -70,6 +70,15 @@ CONFIG_HELP = {
     "pretrain_lr": "pre-trained pools: Adam learning rate",
     "train_pool": "recorded by the run (training pool file and checksum); leave unset",
     "eval_pool": "recorded by the run (held-out pool file and checksum); leave unset",
+    "learn_labels": "learn a soft label (softmax of logits, started at --label-init on the "
+                    "assigned class) for every distilled image, jointly with the images and learning rates "
+                    "(engines naive or backgrad, fixed or random init)",
+    "images": "distilled images per step, classes assigned round-robin — fewer than the "
+              "classes is meaningful with --learn-labels; with fixed labels the last classes "
+              "get no image (0: --images-per-class × classes)",
+    "label_lr": "--learn-labels: outer Adam learning rate of the label logits (decays like --lr)",
+    "label_init": "--learn-labels: initial probability of each image's assigned class (the rest "
+                  "shared evenly by the other classes)",
 }
 
 
@@ -78,7 +87,10 @@ def _add_config_options(parser):
 
     for f in dataclasses.fields(DistillConfig):
         option = "--" + f.name.replace("_", "-")
-        if f.name == "betas":
+        if isinstance(f.default, bool):
+            parser.add_argument(option, action="store_const", const=True, default=None,
+                                help=CONFIG_HELP[f.name])
+        elif f.name == "betas":
             parser.add_argument(option, type=float, nargs=2, default=None, metavar=("B1", "B2"),
                                 help=CONFIG_HELP[f.name] + f" (default {f.default[0]} {f.default[1]})")
         else:
@@ -344,6 +356,11 @@ def _draw(out, distilled, history, baseline, stem=""):
 
     classes = distilled.classes or [str(c) for c in range(int(distilled.labels.max()) + 1)]
     plt.close(plot.plot_distilled(distilled, class_names=classes, path=out / f"{stem}distilled.png"))
+    if distilled.soft_labels is not None:
+        from ddref.labels import plot_soft_labels
+
+        plt.close(plot_soft_labels(distilled.soft_labels, classes, path=out / f"{stem}labels.png",
+                                   title="learned label distributions (rows: images, step by step)"))
     if history is None:
         return
     cfg = distilled.config
@@ -397,6 +414,9 @@ def _evaluate_reuse(distilled, path, args):
     from ddref import reuse
     from ddref.distill import check_n_inits, prepared_for_evaluation
 
+    if distilled.soft_labels is not None:
+        raise ValueError(f"{path} has learned soft labels, which --order and --model do not use "
+                         f"yet; evaluate it without them.")
     config, dataset, model, x, lrs, theta0 = prepared_for_evaluation(distilled, source=str(path))
     if args.model in (None, config.model):
         check_n_inits(args.n_inits, config, str(path))

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 import ddref
-from ddref import backend, data, hypergrad, nn, reversible
+from ddref import backend, data, hypergrad, labels, nn, reversible
 from ddref.evaluate import Accuracy, Adam, TrainingDiverged, evaluate_distilled, held_out_inits
 from ddref.losses import attack_targets, one_hot
 from ddref.saved import (DistilledSet, SavedFileError, atomic_savez, json_field, load_npz,
@@ -87,6 +87,11 @@ class DistillConfig:
     pretrain_lr: float = 1e-3        # pool training: Adam learning rate
     train_pool: str = ""             # recorded by the run: training pool file and checksum
     eval_pool: str = ""              # recorded by the run: held-out pool file and checksum
+    # beyond the paper (ddref.labels): learned soft labels, any number of images per step
+    learn_labels: bool = False       # learn a label distribution (softmax of logits) for every image
+    images: int = 0                  # images per step, classes assigned round-robin (0: images_per_class × K)
+    label_lr: float = 0.1            # learned labels: outer Adam lr of the label logits (decays with --lr)
+    label_init: float = 0.9          # learned labels: initial probability of the assigned class
 
     @property
     def num_inner_steps(self):
@@ -137,6 +142,16 @@ class DistillConfig:
             (0 <= self.pretrained_net < self.pool_nets, "pretrained_net",
              f"must name a network of the pool, 0 … {self.pool_nets - 1}; raise --pool-nets or "
              f"lower --pretrained-net"),
+            (0 < self.label_lr < math.inf, "label_lr", "must be a positive finite number"),
+            (self.learn_labels or self.label_lr == DistillConfig.label_lr, "label_lr",
+             "only applies with --learn-labels"),
+            (0 < self.label_init < 1, "label_init", "must be a probability strictly between 0 and 1"),
+            (self.learn_labels or self.label_init == DistillConfig.label_init, "label_init",
+             "only applies with --learn-labels"),
+            (self.images >= 0, "images", "must be 0 (use --images-per-class) or a number of images"),
+            (not self.images or self.images_per_class == 1, "images",
+             "and --images-per-class both set the images per step: give only one of them"),
+            *self._label_checks(),
         ]
         for ok, name, rule in checks:
             if not ok:
@@ -144,6 +159,18 @@ class DistillConfig:
         reversible.check_options(self.engine, self.momentum, self.truncate, "last",
                                  self.num_inner_steps)
         return self
+
+    def _label_checks(self):
+        """Learned labels get their gradient from the naive and backgrad engines of the plain
+        inner loop, and are evaluated by plain training from fixed or random θ0."""
+        if not self.learn_labels:
+            return []
+        return [
+            (self.engine in hypergrad.ENGINES and not self.momentum and not self.truncate,
+             "learn_labels", "needs --engine naive or backgrad, without --momentum or --truncate"),
+            (self.init in ("fixed", "random"), "learn_labels", "needs --init fixed or random"),
+            (self.objective == "classify", "learn_labels", "needs --objective classify"),
+        ]
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -223,8 +250,9 @@ class Distiller:
         dtype = config.dtype
         data.check_finite(self.dataset.x_train, f"the {self.dataset.name} training images")
         self.x_train = backend.asarray(self.dataset.x_train, dtype=dtype)
-        self.labels = distilled_labels(self.dataset.num_classes, config.images_per_class)
-        self.targets = one_hot(self.labels, self.dataset.num_classes, dtype)
+        k = self.dataset.num_classes
+        self.labels = labels.assigned_labels(k, config.images or config.images_per_class * k)
+        self.targets = one_hot(self.labels, k, dtype)
         self.real_targets_of = self._make_real_targets()
         self._check_fits_the_data()
         for name in ("source_class", "target_class"):
@@ -242,7 +270,10 @@ class Distiller:
         self.x = backend.normal(self.rng, (config.steps, len(self.labels), c, h, w), 1.0, dtype)
         self.raw_lrs = backend.asarray(
             np.full((config.epochs, config.steps), inverse_softplus(config.distill_lr)), dtype=dtype)
-        self.adam = Adam({"x": self.x, "raw_lrs": self.raw_lrs}, lr=config.lr, betas=config.betas)
+        self.label_logits = (labels.initial_logits(self.labels, k, config.steps, dtype,
+                                                   config.label_init)
+                             if config.learn_labels else None)
+        self.adam = Adam(self.learned(), lr=config.lr, betas=config.betas)
         self.iteration = 0
         self.history = History()
 
@@ -251,12 +282,15 @@ class Distiller:
         if cfg.batch_size > len(y):
             raise ValueError(f"--batch-size {cfg.batch_size} is more than the {len(y)} training "
                              f"images of {self.dataset.name}; use at most {len(y)}.")
-        smallest = int(np.bincount(y, minlength=self.dataset.num_classes).min())
-        if cfg.images_per_class > smallest:
-            raise ValueError(f"--images-per-class {cfg.images_per_class} is more than the "
-                             f"{smallest} training images of the smallest class of "
-                             f"{self.dataset.name}, which the random-real baseline draws from; "
-                             f"use at most {smallest}.")
+        counts = np.bincount(y, minlength=self.dataset.num_classes)
+        wanted = np.bincount(self.labels, minlength=self.dataset.num_classes)
+        if (wanted > counts).any():
+            c = int(np.argmax(wanted - counts))
+            option = (f"--images {cfg.images}" if cfg.images
+                      else f"--images-per-class {cfg.images_per_class}")
+            raise ValueError(f"{option} asks for {wanted[c]} images of class {c}, more than its "
+                             f"{counts[c]} training images in {self.dataset.name}, which the "
+                             f"random-real baseline draws from; ask for fewer.")
 
     # -- one outer iteration -------------------------------------------------------------
 
@@ -295,60 +329,101 @@ class Distiller:
         return cfg.lr * cfg.lr_decay ** (self.iteration // cfg.decay_every)
 
     def meta_gradient(self):
-        """The outer loss and its gradient, averaged over the ``n_nets`` networks."""
+        """(outer loss, ∂L/∂x̃, ∂L/∂raw η̃), averaged over the ``n_nets`` networks."""
+        loss, grads = self.meta_gradients()
+        return loss, grads["x"], grads["raw_lrs"]
+
+    def meta_gradient_in_order(self):
+        """:meth:`meta_gradient` with the steps in the configured order."""
+        loss, grads = self.meta_gradients_in_order()
+        return loss, grads["x"], grads["raw_lrs"]
+
+    def meta_gradients(self):
+        """The outer loss and its gradient with respect to everything :meth:`learned` (a dict
+        keyed like it), averaged over the ``n_nets`` networks."""
         cfg = self.config
         n_nets = cfg.n_nets if cfg.init in SAMPLED else 1
+        targets = self.inner_targets()
         theta0s, x_reals, real_targets = [], [], []
         for _ in range(n_nets):                  # same draws, same order as one net at a time
             theta0s.append(self.sample_theta0())
-            x_real, targets = self.sample_real_batch()
+            x_real, batch_targets = self.sample_real_batch()
             x_reals.append(x_real)
-            real_targets.append(targets)
+            real_targets.append(batch_targets)
         if cfg.momentum or cfg.truncate or cfg.engine not in hypergrad.ENGINES:
             meta = [reversible.meta_gradient(cfg.engine, self.model.apply, theta0, self.x,
-                                             self.targets, self.raw_lrs, x_real, targets,
+                                             self.targets, self.raw_lrs, x_real, batch_targets,
                                              momentum=cfg.momentum, truncate=cfg.truncate)
-                    for theta0, x_real, targets in zip(theta0s, x_reals, real_targets)]
-            return (sum(m.loss for m in meta) / n_nets, sum(m.grad_x for m in meta) / n_nets,
-                    sum(m.grad_raw_lrs for m in meta) / n_nets)
-        mg = hypergrad.mean_meta_gradient(cfg.engine, self.model.apply, theta0s, self.x, self.targets,
-                                          self.raw_lrs, x_reals, real_targets)
-        return mg.loss, mg.grad_x, mg.grad_raw_lrs
+                    for theta0, x_real, batch_targets in zip(theta0s, x_reals, real_targets)]
+        elif not cfg.learn_labels:
+            meta = [hypergrad.mean_meta_gradient(cfg.engine, self.model.apply, theta0s, self.x,
+                                                 self.targets, self.raw_lrs, x_reals, real_targets)]
+        else:   # learned labels: one network at a time, with the gradient w.r.t. the targets
+            meta = [hypergrad.meta_gradient(cfg.engine, self.model.apply, theta0, self.x, targets,
+                                            self.raw_lrs, x_real, batch_targets, wrt_targets=True)
+                    for theta0, x_real, batch_targets in zip(theta0s, x_reals, real_targets)]
+        grads = {"x": sum(m.grad_x for m in meta) / len(meta),
+                 "raw_lrs": sum(m.grad_raw_lrs for m in meta) / len(meta)}
+        if cfg.learn_labels:   # through t = softmax(z) to the logits z
+            grads["label_logits"] = labels.logits_gradient(
+                targets, sum(m.grad_targets for m in meta) / len(meta))
+        return sum(m.loss for m in meta) / len(meta), grads
 
-    def meta_gradient_in_order(self):
-        """The meta-gradient with the steps in their order, or — with ``order='random'`` — in
+    def learned(self):
+        """What the outer loop learns: x̃, raw η̃ and, with learned labels, the label logits."""
+        values = {"x": self.x, "raw_lrs": self.raw_lrs}
+        if self.label_logits is not None:
+            values["label_logits"] = self.label_logits
+        return values
+
+    def inner_targets(self):
+        """The targets of the inner loop: the fixed one-hot labels (n, K) shared by every step,
+        or the learned soft labels softmax(z), (S, n, K)."""
+        if self.label_logits is None:
+            return self.targets
+        return labels.soft_targets(self.label_logits)
+
+    def meta_gradients_in_order(self):
+        """:meth:`meta_gradients` with the steps in their order, or — with ``order='random'`` — in
         a fresh random order (the rate η̃[e, s] stays with position s), mapped back to x̃."""
         if self.config.order == "learned":
-            return self.meta_gradient()
-        order = self.rng.permutation(self.config.steps)
-        images = self.x
-        self.x = images[backend.asarray(order)]
+            return self.meta_gradients()
+        order = backend.asarray(self.rng.permutation(self.config.steps))
+        images, logits = self.x, self.label_logits
+        self.x = images[order]
+        if logits is not None:               # each image keeps its own label
+            self.label_logits = logits[order]
         try:
-            loss, grad_permuted, grad_raw = self.meta_gradient()
+            loss, grads = self.meta_gradients()
         finally:
-            self.x = images
-        grad_x = backend.xp().empty_like(grad_permuted)
-        grad_x[backend.asarray(order)] = grad_permuted
-        return loss, grad_x, grad_raw
+            self.x, self.label_logits = images, logits
+        for k in ("x", "label_logits"):
+            if k in grads:
+                permuted, grads[k] = grads[k], backend.xp().empty_like(grads[k])
+                grads[k][order] = permuted
+        return loss, grads
 
     def step(self):
-        loss, grad_x, grad_raw = self.meta_gradient_in_order()
-        self._check_healthy(loss, grad_x, grad_raw)
+        loss, grads = self.meta_gradients_in_order()
+        self._check_healthy(loss, *grads.values())
         self.adam.lr = self.outer_lr()
-        updated = self.adam.step({"x": self.x, "raw_lrs": self.raw_lrs},
-                                 {"x": grad_x, "raw_lrs": grad_raw})
+        updated = self.adam.step(self.learned(), grads)
         self.x, self.raw_lrs = updated["x"], updated["raw_lrs"]
+        if self.label_logits is not None:
+            # Adam's step is lr · m̂/(√v̂ + ε): scaling it by label_lr / lr is Adam with the
+            # learning rate label_lr (decayed on the same schedule) for the logits
+            step = updated["label_logits"] - self.label_logits
+            self.label_logits = self.label_logits + (self.config.label_lr / self.config.lr) * step
         self.iteration += 1
         self.history.iterations.append(self.iteration)
         self.history.losses.append(loss)
         return loss
 
-    def _check_healthy(self, loss, grad_x, grad_raw):
+    def _check_healthy(self, loss, *grads):
         """Stop with the cause named when the inner training has diverged: a NaN/inf, or an
         outer loss far above chance level (log K, the loss of a uniform guess)."""
         xp = backend.xp()
-        finite = (math.isfinite(loss) and bool(xp.isfinite(grad_x).all())
-                  and bool(xp.isfinite(grad_raw).all()))
+        finite = math.isfinite(loss) and all(bool(xp.isfinite(g).all()) for g in grads)
         chance = math.log(self.dataset.num_classes)
         if finite and loss <= DIVERGENCE_FACTOR * chance:
             return
@@ -428,7 +503,8 @@ class Distiller:
         """Everything an iteration changes.  Arrays are never modified in place (every update
         makes new arrays), so holding references is enough; the lists are copied."""
         return {"iteration": self.iteration, "rng": self.rng.bit_generator.state,
-                "x": self.x, "raw_lrs": self.raw_lrs, "adam": self.adam.state(),
+                "x": self.x, "raw_lrs": self.raw_lrs, "label_logits": self.label_logits,
+                "adam": self.adam.state(),
                 "history": {k: list(v) if isinstance(v, list) else v
                             for k, v in dataclasses.asdict(self.history).items()}}
 
@@ -436,6 +512,7 @@ class Distiller:
         self.iteration = snapshot["iteration"]
         self.rng.bit_generator.state = snapshot["rng"]
         self.x, self.raw_lrs = snapshot["x"], snapshot["raw_lrs"]
+        self.label_logits = snapshot["label_logits"]
         self.adam.load_state(snapshot["adam"])
         self.history = History(**snapshot["history"])
 
@@ -462,7 +539,12 @@ class Distiller:
         """Test accuracy of networks trained on the current distilled set."""
         return evaluate_distilled(self.model, self.dataset, self.x, self.labels, self.lrs(),
                                   momentum=self.config.momentum,
-                                  inits=self.evaluation_networks(n_inits))
+                                  inits=self.evaluation_networks(n_inits),
+                                  soft_labels=self.soft_labels())
+
+    def soft_labels(self):
+        """The learned label distributions (S, n, K), or None with fixed labels."""
+        return None if self.label_logits is None else labels.soft_targets(self.label_logits)
 
     def evaluation_networks(self, n=None):
         """The θ0 of the networks a finished set is judged on: the fixed θ0 (fixed and
@@ -481,7 +563,9 @@ class Distiller:
         return DistilledSet(images=backend.to_numpy(self.x), labels=self.labels,
                             lrs=backend.to_numpy(self.lrs()), mean=np.asarray(self.dataset.mean),
                             std=np.asarray(self.dataset.std), config=self.config.to_dict(),
-                            theta0=theta0, classes=tuple(self.dataset.classes))
+                            theta0=theta0, classes=tuple(self.dataset.classes),
+                            soft_labels=(None if self.label_logits is None
+                                         else backend.to_numpy(self.soft_labels())))
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -496,7 +580,8 @@ class Distiller:
             "history": np.array(json.dumps(json_safe(dataclasses.asdict(self.history)))),
             "version": np.array(ddref.__version__),
         }
-        for k in ("x", "raw_lrs"):
+        for k, value in self.learned().items():
+            arrays[k] = backend.to_numpy(value)
             arrays[f"adam_m/{k}"] = backend.to_numpy(adam["m"][k])
             arrays[f"adam_v/{k}"] = backend.to_numpy(adam["v"][k])
         for k, v in (self.theta0 or {}).items():
@@ -548,12 +633,18 @@ class Distiller:
         except (TypeError, ValueError, KeyError):
             raise DistillError(f"{path} is damaged (its random-generator state); start a new run "
                                f"with --force.") from None
+        if self.config.learn_labels and "label_logits" not in arrays:
+            raise DistillError(f"{path} is damaged: a run with --learn-labels but no label logits "
+                               f"saved; start a new run with --force.")
+        learned = self.learned()
         self.x = want("x", self.x.shape)
         self.raw_lrs = want("raw_lrs", self.raw_lrs.shape)
+        if self.label_logits is not None:
+            self.label_logits = want("label_logits", self.label_logits.shape)
         self.adam.load_state({
             "t": arrays["adam_t"], "lr": arrays["adam_lr"],
-            "m": {k: want(f"adam_m/{k}", getattr(self, k).shape) for k in ("x", "raw_lrs")},
-            "v": {k: want(f"adam_v/{k}", getattr(self, k).shape) for k in ("x", "raw_lrs")}})
+            "m": {k: want(f"adam_m/{k}", v.shape) for k, v in learned.items()},
+            "v": {k: want(f"adam_v/{k}", v.shape) for k, v in learned.items()}})
         if self.config.init == "fixed":
             shapes = self.model.init.shapes
             if sorted(shapes) != sorted(k.split("/", 1)[1] for k in arrays if k.startswith("theta0/")):
@@ -629,10 +720,12 @@ def held_out_accuracy(distilled: DistilledSet, dataset=None, n_inits=None, sourc
     """Re-evaluate a saved distilled set the way the run that made it did."""
     config, dataset, model, images, lrs, theta0 = prepared_for_evaluation(distilled, dataset, source)
     check_n_inits(n_inits, config, source)
+    soft = None if distilled.soft_labels is None else backend.asarray(distilled.soft_labels,
+                                                                       dtype=config.dtype)
     return evaluate_distilled(model, dataset, backend.asarray(images), distilled.labels,
                               backend.asarray(lrs), theta0=theta0,
                               n_inits=n_inits or config.eval_inits, seed=config.seed,
-                              momentum=config.momentum)
+                              momentum=config.momentum, soft_labels=soft)
 
 
 __all__ = ["DistillConfig", "Distiller", "DistilledSet", "DistillError", "held_out_accuracy",

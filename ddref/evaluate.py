@@ -162,12 +162,14 @@ def held_out_inits(model, n, seed, dtype):
 
 
 def evaluate_distilled(model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10, seed=0,
-                       momentum=0.0, inits=None):
+                       momentum=0.0, inits=None, soft_labels=None):
     """Test accuracy after training on the distilled steps: from ``theta0`` when given
     (fixed init), from each of ``inits`` when given (pre-trained networks), else mean ± std
-    over ``n_inits`` held-out random initialisations."""
+    over ``n_inits`` held-out random initialisations.  ``soft_labels`` (S, n, K): learned
+    label distributions to train with instead of the one-hot ``labels``."""
     dtype = str(np.asarray(backend.to_numpy(x_steps)).dtype)
-    targets = one_hot(labels, dataset.num_classes, dtype)
+    targets = (one_hot(labels, dataset.num_classes, dtype) if soft_labels is None
+               else backend.asarray(soft_labels, dtype=dtype))
     if inits is None:
         inits = [theta0] if theta0 is not None else held_out_inits(model, n_inits, seed, dtype)
     accs = [accuracy_on(model.apply, train_on_steps(model.apply, th, x_steps, targets, lrs, momentum),

@@ -37,7 +37,7 @@ from autograd import make_vjp, value_and_grad
 from ddref import fused
 from ddref.losses import cross_entropy
 from ddref.unroll import (check_finite, check_schedule, descend, inner_grad, loss_and_grad, softplus,
-                          step_schedule, unroll)
+                          step_schedule, step_targets, unroll)
 
 ENGINES = ("naive", "backgrad")
 
@@ -49,6 +49,7 @@ class MetaGradient:
     loss: float
     grad_x: object          # shaped like x_distilled
     grad_raw_lrs: object    # shaped like raw_lrs, (E, S)
+    grad_targets: object = None   # shaped like targets, when asked for (learned labels)
 
 
 def outer_loss_of_params(apply, params, x_real, real_targets, loss=cross_entropy):
@@ -61,16 +62,19 @@ def outer_loss_of_params(apply, params, x_real, real_targets, loss=cross_entropy
 
 
 def meta_gradient(engine, apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets,
-                  loss=cross_entropy):
+                  loss=cross_entropy, wrt_targets=False):
     """Outer loss and its gradient w.r.t. (x̃, raw η̃) with the chosen engine.  ``loss`` is
-    used both inside (training on x̃) and outside (on the real batch)."""
+    used both inside (training on x̃) and outside (on the real batch).  ``wrt_targets``: also
+    the gradient w.r.t. the inner targets ((n, K) shared or (S, n, K) per step), for
+    learned labels (:mod:`ddref.labels`)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown meta-gradient engine {engine!r}: choose one of {', '.join(ENGINES)}.")
     check_schedule(x_distilled, raw_lrs)
     check_finite("the distilled images", x_distilled)
     check_finite("the raw learning rates", raw_lrs)
     engine_function = naive if engine == "naive" else backgrad
-    return engine_function(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets, loss)
+    return engine_function(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets, loss,
+                           wrt_targets)
 
 
 def mean_meta_gradient(engine, apply, theta0s, x_distilled, targets, raw_lrs, x_reals, real_targets,
@@ -100,33 +104,41 @@ def mean_meta_gradient(engine, apply, theta0s, x_distilled, targets, raw_lrs, x_
     return MetaGradient(total_loss / k, grad_x / k, grad_raw / k)
 
 
-def naive(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets, loss=cross_entropy):
+def naive(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets, loss=cross_entropy,
+          wrt_targets=False):
     """Autograd through the whole unroll."""
 
-    def outer(x_distilled, raw_lrs):
+    def outer(x_distilled, raw_lrs, targets):
         params = unroll(apply, theta0, x_distilled, targets, softplus(raw_lrs), loss=loss)
         return outer_loss_of_params(apply, params, x_real, real_targets, loss)
 
-    loss, (grad_x, grad_raw) = value_and_grad(outer, (0, 1))(x_distilled, raw_lrs)
-    return MetaGradient(float(loss), grad_x, grad_raw)
+    argnums = (0, 1, 2) if wrt_targets else (0, 1)
+    loss, grads = value_and_grad(outer, argnums)(x_distilled, raw_lrs, targets)
+    return MetaGradient(float(loss), *grads)
 
 
 def backgrad(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets,
-             loss=cross_entropy):
+             loss=cross_entropy, wrt_targets=False):
     """Back-gradient: store θ_t on the way forward, then one VJP of the step map per step."""
     lrs = softplus(raw_lrs)
     schedule = step_schedule(*check_schedule(x_distilled, raw_lrs))
     thetas = train_keeping_weights(apply, theta0, x_distilled, targets, lrs, schedule, loss)
     outer_loss, v = loss_and_grad(apply, thetas[-1], x_real, real_targets, loss)   # v = ∂L/∂θ_T
-    grad_x, grad_lrs = reverse_pass(apply, thetas, x_distilled, targets, lrs, schedule, v, loss)
-    return MetaGradient(float(outer_loss), grad_x, grad_lrs * _softplus_derivative(raw_lrs))
+    if wrt_targets:
+        grad_x, grad_lrs, grad_targets = reverse_pass_with_targets(
+            apply, thetas, x_distilled, targets, lrs, schedule, v, loss)
+    else:
+        grad_x, grad_lrs = reverse_pass(apply, thetas, x_distilled, targets, lrs, schedule, v, loss)
+        grad_targets = None
+    return MetaGradient(float(outer_loss), grad_x, grad_lrs * _softplus_derivative(raw_lrs),
+                        grad_targets)
 
 
 def train_keeping_weights(apply, theta0, x_distilled, targets, lrs, schedule, loss=cross_entropy):
     """Forward: plain gradient descent along ``schedule``, keeping only θ_0 … θ_T."""
     thetas = [theta0]
     for e, s in schedule:
-        grads = inner_grad(apply, thetas[-1], x_distilled[s], targets, loss)
+        grads = inner_grad(apply, thetas[-1], x_distilled[s], step_targets(targets, s), loss)
         thetas.append(descend(thetas[-1], grads, lrs[e, s]))
     return thetas
 
@@ -138,8 +150,8 @@ def reverse_pass(apply, thetas, x_distilled, targets, lrs, schedule, v, loss=cro
     grad_lrs = anp.zeros_like(lrs)
     for t in reversed(range(len(schedule))):
         e, s = schedule[t]
-        v, h_images, grad_lrs[e, s] = reverse_step(apply, thetas[t], x_distilled[s], targets,
-                                                   lrs[e, s], v, loss)
+        v, h_images, grad_lrs[e, s] = reverse_step(apply, thetas[t], x_distilled[s],
+                                                   step_targets(targets, s), lrs[e, s], v, loss)
         grad_x_steps[s] = grad_x_steps[s] + h_images
     return anp.stack(grad_x_steps), grad_lrs
 
@@ -155,6 +167,49 @@ def reverse_step(apply, theta, images, targets, lr, v, loss=cross_entropy):
         h_params, h_images = pull_back(v)
     grad_lr = -sum(anp.vdot(g[k], v[k]) for k in v)
     return {k: v[k] - lr * h_params[k] for k in v}, -lr * h_images, grad_lr
+
+
+def reverse_pass_with_targets(apply, thetas, x_distilled, targets, lrs, schedule, v,
+                              loss=cross_entropy):
+    """:func:`reverse_pass` that also collects ∂L/∂t, the gradient w.r.t. the inner targets:
+    step t adds −η_t (∂g/∂t)ᵀ v to its step's targets (summed over the steps when they are
+    shared).  Returns (∂L/∂x̃, ∂L/∂η̃, ∂L/∂t)."""
+    steps = x_distilled.shape[0]
+    grad_x_steps = [anp.zeros_like(x_distilled[0]) for _ in range(steps)]
+    grad_t_steps = [anp.zeros_like(step_targets(targets, 0)) for _ in range(steps)]
+    grad_lrs = anp.zeros_like(lrs)
+    for t in reversed(range(len(schedule))):
+        e, s = schedule[t]
+        v, h_images, grad_lrs[e, s], h_targets = reverse_step_with_targets(
+            apply, thetas[t], x_distilled[s], step_targets(targets, s), lrs[e, s], v, loss)
+        grad_x_steps[s] = grad_x_steps[s] + h_images
+        grad_t_steps[s] = grad_t_steps[s] + h_targets
+    grad_targets = anp.stack(grad_t_steps)
+    if len(targets.shape) == 2:
+        grad_targets = anp.sum(grad_targets, axis=0)
+    return anp.stack(grad_x_steps), grad_lrs, grad_targets
+
+
+def reverse_step_with_targets(apply, theta, images, targets, lr, v, loss=cross_entropy):
+    """:func:`reverse_step` plus this step's ∂L/∂t = −η (∂g/∂t)ᵀ v.  The fast path's
+    forward-over-reverse pass computes (∂g/∂t)ᵀ v with the other products
+    (:func:`ddref.fused.network_grad_and_hvp`)."""
+    fast = fused.gradient_for(apply, loss)
+    if fast is not None:
+        g, h_params, h_images, h_targets = fused.network_grad_and_hvp(
+            fast.layers, fast.loss, theta, images, targets, v)
+    else:
+        pull_back, g = make_vjp(_grad_wrt_params_images_and_targets, 0)(
+            (theta, images, targets), apply, loss)
+        h_params, h_images, h_targets = pull_back(v)
+    grad_lr = -sum(anp.vdot(g[k], v[k]) for k in v)
+    return ({k: v[k] - lr * h_params[k] for k in v}, -lr * h_images, grad_lr,
+            -lr * h_targets)
+
+
+def _grad_wrt_params_images_and_targets(params_images_targets, apply, loss):
+    params, images, targets = params_images_targets
+    return inner_grad(apply, params, images, targets, loss)
 
 
 def _grad_wrt_params_and_images(params_and_images, apply, targets, loss):

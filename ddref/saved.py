@@ -114,7 +114,9 @@ DISTILLED_KEYS = ("images", "labels", "lrs", "mean", "std", "config", "version")
 @dataclass
 class DistilledSet:
     """What a run produces: images (S, n, C, H, W) in normalised space, their labels (n,),
-    the learned learning rates (E, S), θ0 for fixed init, and the data normalisation."""
+    the learned learning rates (E, S), θ0 for fixed init, and the data normalisation; with
+    learned labels (``--learn-labels``) also the label distributions (S, n, K) that training
+    on the set uses instead of the one-hot ``labels`` (the class each image started from)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -125,6 +127,7 @@ class DistilledSet:
     theta0: dict | None = None
     version: str = ddref.__version__
     classes: tuple | None = None     # class names, so figures need not load the data set
+    soft_labels: np.ndarray | None = None   # learned label distributions (S, n, K), ddref.labels
 
     def save(self, path):
         arrays = {"images": self.images, "labels": self.labels, "lrs": self.lrs,
@@ -132,6 +135,8 @@ class DistilledSet:
                   "config": np.array(json.dumps(self.config)), "version": np.array(self.version)}
         if self.classes is not None:
             arrays["classes"] = np.array([str(c) for c in self.classes])
+        if self.soft_labels is not None:
+            arrays["soft_labels"] = self.soft_labels
         for k, v in (self.theta0 or {}).items():
             arrays[f"theta0/{k}"] = np.asarray(v)
         atomic_savez(path, arrays)
@@ -153,7 +158,8 @@ class DistilledSet:
         classes = tuple(str(c) for c in arrays["classes"]) if "classes" in arrays else None
         distilled = cls(images=arrays["images"], labels=arrays["labels"], lrs=arrays["lrs"],
                         mean=arrays["mean"], std=arrays["std"], config=config,
-                        theta0=theta0 or None, version=str(arrays["version"]), classes=classes)
+                        theta0=theta0 or None, version=str(arrays["version"]), classes=classes,
+                        soft_labels=arrays.get("soft_labels"))
         distilled.check(num_classes, source=path)
         return distilled
 
@@ -183,6 +189,12 @@ class DistilledSet:
                             ("normalisation", np.concatenate([self.mean, self.std]))):
             if not np.isfinite(array).all():
                 fail(f"its {name} contain NaN or inf")
+        if self.soft_labels is not None:
+            from ddref.labels import check_soft_labels
+
+            problem = check_soft_labels(self.soft_labels, *self.images.shape[:2], num_classes)
+            if problem:
+                fail(problem)
         if not (self.lrs > 0).all():
             fail(f"its learning rates include {self.lrs.min():.3g}, and a learned learning rate "
                  f"is always positive")
@@ -213,7 +225,7 @@ class DistilledSet:
 # ---------------------------------------------------------------------------- the run folder
 
 RUN_FILES = ("distilled.npz", "distilled.png", "curves.png", "metrics.json", "checkpoint.npz",
-             "pools.json")
+             "pools.json", "labels.png")
 
 
 def _is_run_file(name):

@@ -106,11 +106,18 @@ def check_finite(name, array):
                          f"and start from finite values.")
 
 
+def step_targets(targets, s):
+    """The targets of step s: ``targets`` itself when shared by every step (n, K), else its
+    row s (per-step targets (S, n, K), e.g. learned soft labels, :mod:`ddref.labels`)."""
+    return targets[s] if len(targets.shape) == 3 else targets
+
+
 def unroll(apply, theta0, x_distilled, targets, lrs, return_all=False, loss=cross_entropy):
     """Train from ``theta0`` on the distilled images.
 
     x_distilled : (S, n_per_step, C, H, W) images, one group per step
-    targets     : (n_per_step, K) one-hot (or soft) labels shared by every step
+    targets     : (n_per_step, K) one-hot (or soft) labels shared by every step, or
+                  (S, n_per_step, K) labels of their own for each step
     lrs         : (E, S) positive learning rates η̃ — E epochs of S steps
     Returns θ_T, or the list [θ_0, …, θ_T] when ``return_all``.
     """
@@ -120,7 +127,7 @@ def unroll(apply, theta0, x_distilled, targets, lrs, return_all=False, loss=cros
     params = theta0
     trajectory = [params]
     for e, s in step_schedule(epochs, steps):
-        params = sgd_step(apply, params, x_distilled[s], targets, lrs[e, s], loss)
+        params = sgd_step(apply, params, x_distilled[s], step_targets(targets, s), lrs[e, s], loss)
         if return_all:
             trajectory.append(params)
     return trajectory if return_all else params

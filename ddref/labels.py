@@ -1,0 +1,102 @@
+"""Learned soft labels, and fewer distilled images than classes.
+
+The paper fixes the label of every distilled image.  Sucholutsky & Schonlau ("Soft-label
+dataset distillation", 2021) learn them too: each image x̃[s, i] gets a vector of label
+logits z[s, i] ∈ R^K, its training target is the distribution t = softmax(z), and z is
+learned jointly with x̃ and η̃ by the same outer Adam steps.  The meta-gradient engines of
+:mod:`ddref.hypergrad` return ∂L/∂t (the inner targets are one more input of every step);
+the chain rule through the softmax gives
+
+    ∂L/∂z = t ⊙ (∂L/∂t − ⟨t, ∂L/∂t⟩)          (row by row)
+
+A soft label can say "a 3 that also looks like an 8", so one image can teach several
+classes — which is what lets *fewer images than classes* work at all.
+
+* :func:`assigned_labels` — the class each image starts from: N images for K classes,
+  round-robin (image j gets class j mod K), listed class-major.  N = K·m gives the paper's
+  m images per class.
+* :func:`initial_logits` — z[s, i] = c · onehot(label i) with c = log(p (K − 1) / (1 − p)),
+  so every target starts at p (``--label-init``, default 0.9) on its assigned class and
+  (1 − p) / (K − 1) on each other class.
+* :func:`soft_targets`, :func:`logits_gradient` — t = softmax(z) and the chain rule above.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ddref import backend
+from ddref.losses import log_softmax, one_hot
+
+INITIAL_CONFIDENCE = 0.9     # softmax of the initial logits on the assigned class
+
+
+def assigned_labels(num_classes, n_images):
+    """The class of each of ``n_images`` images per step: image j gets class j mod K, listed
+    class-major ([0, 0, 1, 1, 2, …]); every class appears ⌊N/K⌋ or ⌈N/K⌉ times, the first
+    N mod K classes once more (for N < K: only classes 0 … N−1)."""
+    if n_images < 1 or num_classes < 1:
+        raise ValueError(f"need at least one image and one class; got {n_images} images for "
+                         f"{num_classes} classes.")
+    return np.sort(np.arange(n_images) % num_classes)
+
+
+def initial_logits(labels, num_classes, steps, dtype="float32", confidence=INITIAL_CONFIDENCE):
+    """(S, n, K) logits c · onehot(label) for every step, c = log(p (K − 1) / (1 − p)), so
+    that softmax puts p = ``confidence`` on the assigned class and (1 − p)/(K − 1) on each
+    other class (for K = 1 there is nothing to learn: c = 0)."""
+    scale = math.log(confidence * (num_classes - 1) / (1 - confidence)) if num_classes > 1 else 0.0
+    hard = scale * one_hot(labels, num_classes, dtype)
+    return backend.xp().stack([hard] * steps).astype(dtype)
+
+
+def soft_targets(logits):
+    """t = softmax(z) along the class axis."""
+    return backend.xp().exp(log_softmax(logits.reshape(-1, logits.shape[-1]))).reshape(logits.shape)
+
+
+def logits_gradient(targets, grad_targets):
+    """∂L/∂z from ∂L/∂t for t = softmax(z): t ⊙ (∂L/∂t − ⟨t, ∂L/∂t⟩), row by row."""
+    return targets * (grad_targets - (targets * grad_targets).sum(axis=-1, keepdims=True))
+
+
+def check_soft_labels(soft_labels, steps, n_images, num_classes=None):
+    """A problem with stored soft labels as one phrase (None when they are fine): they must
+    be (S, n, K) finite probabilities whose rows sum to 1."""
+    s = np.asarray(soft_labels)
+    k = s.shape[-1] if s.ndim == 3 else None
+    if s.dtype.kind != "f" or s.ndim != 3 or s.shape[:2] != (steps, n_images) or (
+            num_classes is not None and k != num_classes):
+        want = f"({steps}, {n_images}, {num_classes if num_classes is not None else 'K'})"
+        return f"its soft labels have shape {s.shape} and type {s.dtype} (want floats of shape {want})"
+    if not np.isfinite(s).all() or (s < 0).any() or not np.allclose(s.sum(axis=-1), 1.0, atol=1e-4):
+        return "its soft labels are not probability rows (finite, non-negative, summing to 1)"
+    return None
+
+
+def plot_soft_labels(soft_labels, class_names=None, title=None, path=None, max_steps=None):
+    """A heat map of the label distributions of the first ``max_steps`` steps (default all):
+    one row per distilled image, step after step, one column per class."""
+    import matplotlib.pyplot as plt
+
+    s = np.asarray(soft_labels)[:max_steps]
+    rows = s.reshape(-1, s.shape[-1])
+    k = rows.shape[1]
+    names = list(class_names) if class_names is not None else [str(c) for c in range(k)]
+    fig, ax = plt.subplots(figsize=(0.45 * k + 2, 0.32 * len(rows) + 1.2))
+    image = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(k), names, fontsize=8)
+    ax.set_xlabel("class")
+    ax.set_ylabel("distilled image")
+    n = s.shape[1]
+    ax.set_yticks(range(len(rows)), [f"step {i // n + 1}, {i % n}" for i in range(len(rows))],
+                  fontsize=6)
+    fig.colorbar(image, ax=ax, label="target probability")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
