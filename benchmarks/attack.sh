@@ -30,3 +30,22 @@ python -m ddref --threads 1 distill "${mnist[@]}" --iterations 500 --out "$out/a
 python -m ddref --threads 1 distill "${mnist[@]}" --iterations 2000 --out "$out/attack-mnist5k-lenet"
 python -m ddref --threads 1 distill "${mnist[@]}" --iterations 500 --n-nets 4 \
     --out "$out/attack-mnist5k-lenet-nets4"
+
+# How much of the gap is generalisation: the same distilled sets on the 20 networks of the
+# *training* pool (the ones distillation saw) instead of the held-out pool.
+python - "$out" <<'PY'
+import sys
+import numpy as np
+from ddref import attack, data, distill, nn, pretrained
+out = sys.argv[1]
+ds = data.load("mnist5k")
+model = nn.build_model("lenet", ds.image_shape, ds.num_classes)
+config = distill.DistillConfig(dataset="mnist5k", model="lenet", init="random-pretrained", steps=1,
+                               epochs=1, images_per_class=10, objective="attack")
+train_pool = pretrained.pools_for(config, ds, progress=False).train
+nets = train_pool.networks(range(len(train_pool)))
+for run in ("attack-mnist5k-lenet-500", "attack-mnist5k-lenet", "attack-mnist5k-lenet-nets4"):
+    d = np.load(f"{out}/{run}/distilled.npz")
+    after = attack.evaluate_attack(model, ds, d["images"], d["labels"], d["lrs"], nets, 0, 1)["after"]
+    print(f"{run}, on the training pool: {after}")
+PY
