@@ -125,6 +125,38 @@ def evaluate_attack(model, dataset, x_steps, labels, lrs, inits, source, target)
     return {"before": measure(inits), "after": measure(after)}
 
 
+def confusion_matrix(apply, nets, x, y, num_classes) -> np.ndarray:
+    """Entry [i, j]: the share of the images of class i that are predicted as j, averaged over
+    the networks ``nets`` (rows sum to 1; a class with no image is a row of NaN)."""
+    y = np.asarray(y)
+    counts = np.bincount(y, minlength=num_classes)
+    matrices = []
+    for params in nets:
+        predicted = predict(apply, params, x).argmax(axis=1)
+        pairs = np.bincount(y * num_classes + predicted, minlength=num_classes ** 2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            matrices.append(pairs.reshape(num_classes, num_classes) / counts[:, None])
+    return np.mean(matrices, axis=0)
+
+
+def relabelled_real_sets(dataset, steps, labels, n_draws=10, seed=0) -> list:
+    """``n_draws`` sets of random real training images arranged like the distilled set (the
+    baseline's draws; train on them with :func:`relabelled_targets`)."""
+    return baselines.baseline_sets("random_real", None, dataset, steps, 1, np.asarray(labels),
+                                   [None], n_draws, seed, tune_draws=n_draws)[:n_draws]
+
+
+def relabelled_targets(labels, num_classes, source, target, dtype):
+    """One-hot targets of the baseline: the real images of class K labelled T."""
+    return attack_targets(np.asarray(labels), num_classes, source, target, dtype)
+
+
+def train_relabelled(model, dataset, sets, labels, epochs, inits, source, target, lr) -> list:
+    """θ_T of network i trained on draw i (class K labelled T) at one learning rate ``lr``."""
+    targets = relabelled_targets(labels, dataset.num_classes, source, target, _dtype_of(inits[0]))
+    return baselines.train_pairs(model.apply, baselines.pairs_of(sets, inits), targets, epochs, lr)
+
+
 def relabelled_real_baseline(model, dataset, steps, epochs, labels, inits, source, target,
                              n_draws=10, seed=0, lr_grid=baselines.LR_GRID, tune_draws=3):
     """The original's attack baseline: random real images arranged like the distilled set,
@@ -133,18 +165,36 @@ def relabelled_real_baseline(model, dataset, steps, epochs, labels, inits, sourc
     attacked labels.  Returns ({'before', 'after'} as :func:`evaluate_attack`, lr)."""
     check_classes(source, target, dataset.num_classes)
     labels = np.asarray(labels)
-    dtype = str(next(iter(inits[0].values())).dtype)
-    sets = baselines.baseline_sets("random_real", model, dataset, steps, epochs, labels, inits,
-                                   n_draws, seed, lr_grid, tune_draws)
-    targets = attack_targets(labels, dataset.num_classes, source, target, dtype)
+    sets = relabelled_real_sets(dataset, steps, labels, max(n_draws, tune_draws), seed)
+    targets = relabelled_targets(labels, dataset.num_classes, source, target, _dtype_of(inits[0]))
     pairs = baselines.pairs_of(sets, inits)
     lr = baselines.tune_lr(model.apply, pairs[:tune_draws], targets, epochs, dataset.x_train,
                            attacked_labels(dataset.y_train, source, target), lr_grid)
-    evaluated = baselines.pairs_of(sets[:n_draws], inits[:n_draws])
-    after = baselines.train_pairs(model.apply, evaluated, targets, epochs, lr)
+    after = train_relabelled(model, dataset, sets[:n_draws], labels, epochs, inits[:n_draws],
+                             source, target, lr)
     measure = lambda nets: summarise(model.apply, nets, dataset.x_test, dataset.y_test, source,  # noqa: E731
                                      target, dataset.num_classes)
     return {"before": measure(inits[:n_draws]), "after": measure(after)}, lr
+
+
+def relabelled_real_tradeoff(model, dataset, steps, epochs, labels, inits, source, target,
+                             lr_grid=baselines.LR_GRID, n_draws=10, seed=0) -> list:
+    """[(lr, AttackSummary after training)] for every lr of ``lr_grid``, the same draws and
+    networks for each: how attack success trades against the other classes' accuracy as the
+    baseline's learning rate grows."""
+    check_classes(source, target, dataset.num_classes)
+    sets = relabelled_real_sets(dataset, steps, labels, n_draws, seed)
+    rows = []
+    for lr in lr_grid:
+        after = train_relabelled(model, dataset, sets, labels, epochs, inits[:n_draws], source,
+                                 target, lr)
+        rows.append((lr, summarise(model.apply, after, dataset.x_test, dataset.y_test, source,
+                                   target, dataset.num_classes)))
+    return rows
+
+
+def _dtype_of(params):
+    return str(next(iter(params.values())).dtype)
 
 
 def attack_report(model, dataset, x_steps, labels, lrs, inits, source, target, n_draws=10, seed=0,

@@ -95,3 +95,33 @@ def test_the_report_is_json_with_both_sets_before_and_after(trained_nets):
     assert again["distilled"]["after"]["n"] == 2 and again["relabelled_real_lr"] == 0.1
     lines = attack.report_lines(report)
     assert len(lines) == 5 and lines[0].startswith("attack 0→1")
+
+
+def test_confusion_matrix_is_the_share_of_each_class_read_as_each_other_averaged_over_networks():
+    def apply(params, x):
+        return backend.asarray(np.eye(3)[params["answers"][x[:, 0, 0, 0].astype(int)]])
+
+    x = np.arange(6, dtype=np.float64).reshape(6, 1, 1, 1)
+    nets = [{"answers": PREDICTED}, {"answers": LABELS}]
+    matrix = attack.confusion_matrix(apply, nets, x, LABELS, 4)
+    np.testing.assert_allclose(matrix[:3, :3], [[2 / 3, 1 / 3, 0], [1 / 4, 3 / 4, 0], [0, 0, 1]])
+    assert np.isnan(matrix[3]).all()          # no image of class 3
+    summary = attack.summarise(apply, nets, x, LABELS, 0, 1, 4)
+    assert matrix[0, 1] == pytest.approx(summary.attack_success.mean)
+    np.testing.assert_allclose(np.diag(matrix), summary.per_class_mean)
+
+
+def test_tradeoff_trains_the_baselines_draws_at_every_lr(trained_nets):
+    digits, mlp, nets = trained_nets
+    labels = distilled_labels(10, 10)
+    rows = attack.relabelled_real_tradeoff(mlp, digits, 1, 1, labels, nets, 0, 1,
+                                           lr_grid=(0.01, 0.3, 3.0), n_draws=2)
+    assert [lr for lr, _ in rows] == [0.01, 0.3, 3.0] and rows[0][1].n == 2
+    success = [s.attack_success.mean for _, s in rows]
+    others = [s.other_classes_accuracy.mean for _, s in rows]
+    # a larger step reads more 0s as 1s and spoils more of the other classes
+    assert success[0] < 0.05 < success[1] < success[2] and others[0] > others[1] > others[2]
+    # the same draws and networks as the baseline itself at that lr
+    baseline, _ = attack.relabelled_real_baseline(mlp, digits, 1, 1, labels, nets, 0, 1, n_draws=2,
+                                                  tune_draws=2, lr_grid=(0.3,))
+    assert baseline["after"] == rows[1][1]
