@@ -246,6 +246,8 @@ def cmd_distill(args):
     from ddref.distill import Distiller, DistillConfig
     from ddref.saved import check_run_folder, claim_run_folder
 
+    _import_what_the_end_of_a_run_needs()
+
     given = _given_config_options(args)
     config = DistillConfig.from_dict(given).validate()
     if args.out is not None and not args.out.strip():
@@ -282,6 +284,15 @@ def cmd_distill(args):
               f"{checkpoint}: `ddref distill --resume --out {out}` finishes the run.", file=sys.stderr)
         return 130
     return 0
+
+
+def _import_what_the_end_of_a_run_needs():
+    """Import the evaluation and plotting modules (scikit-learn, matplotlib) before the run
+    starts rather than when it ends: a Ctrl-C that lands inside an extension module's import
+    can make CPython exit by SIGINT after ddref has handled it, instead of with code 130."""
+    import matplotlib.pyplot  # noqa: F401
+
+    from ddref import attack, baselines, plot, pretrained  # noqa: F401
 
 
 def _finish_run(out, distiller, baseline_draws, progress=True):
