@@ -661,7 +661,7 @@ class Distiller:
 # options that may change when a run is resumed: how long it runs, the outer optimiser's
 # schedule, and how often it reports; everything else defines the run and stays as it was
 RESUMABLE = ("iterations", "lr", "lr_decay", "decay_every", "eval_every", "eval_inits",
-             "checkpoint_every")
+             "checkpoint_every", "label_lr")
 
 
 def _apply_resume_changes(config, changes, path):

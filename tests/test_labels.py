@@ -264,6 +264,22 @@ def test_checkpoint_resume_is_exact(digits, tmp_path):
     assert whole.history.eval_accuracies == resumed.history.eval_accuracies
 
 
+def test_resume_may_change_the_label_lr_like_the_outer_lr(digits, tmp_path):
+    """--label-lr is an outer learning rate like --lr: a resume may lower it, and the resumed
+    run then moves the logits by the new rate (the Adam moments carry on unchanged)."""
+    checkpoint = tmp_path / "checkpoint.npz"
+    Distiller(config(), dataset=digits, progress=False).run(iterations=2, checkpoint_path=checkpoint)
+    moved = {}
+    for label_lr in (config().label_lr, 0.01):
+        resumed = Distiller.from_checkpoint(checkpoint, dataset=digits, progress=False,
+                                            changes={"label_lr": label_lr})
+        assert resumed.config.label_lr == label_lr
+        before = resumed.label_logits.copy()
+        resumed.run(iterations=3)
+        moved[label_lr] = np.abs(resumed.label_logits - before).max()
+    assert moved[0.01] < moved[config().label_lr]
+
+
 def test_a_checkpoint_without_label_logits_is_refused(digits, tmp_path):
     checkpoint = tmp_path / "checkpoint.npz"
     Distiller(config(), dataset=digits, progress=False).run(iterations=1, checkpoint_path=checkpoint)
