@@ -70,15 +70,17 @@ CONFIG_HELP = {
     "pretrain_lr": "pre-trained pools: Adam learning rate",
     "train_pool": "recorded by the run (training pool file and checksum); leave unset",
     "eval_pool": "recorded by the run (held-out pool file and checksum); leave unset",
-    "learn_labels": "learn a soft label (softmax of logits, started at --label-init on the "
-                    "assigned class) for every distilled image, jointly with the images and learning rates "
-                    "(engines naive or backgrad, fixed or random init)",
+    "learn_labels": "learn a label for every distilled image (see --label-form), jointly with "
+                    "the images and learning rates (engines naive or backgrad, fixed or random init)",
     "images": "distilled images per step, classes assigned round-robin — fewer than the "
               "classes is meaningful with --learn-labels; with fixed labels the last classes "
               "get no image (0: --images-per-class × classes)",
-    "label_lr": "--learn-labels: outer Adam learning rate of the label logits (decays like --lr)",
+    "label_lr": "--learn-labels: outer Adam learning rate of the label vectors (decays like --lr)",
     "label_init": "--learn-labels: initial probability of each image's assigned class (the rest "
                   "shared evenly by the other classes)",
+    "label_form": "--learn-labels: softmax (the target is softmax of the learned vector, a "
+                  "distribution) or free (the target is the learned vector itself, started at the "
+                  "hard label, as in Sucholutsky & Schonlau's code)",
 }
 
 

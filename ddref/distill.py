@@ -92,6 +92,7 @@ class DistillConfig:
     images: int = 0                  # images per step, classes assigned round-robin (0: images_per_class × K)
     label_lr: float = 0.1            # learned labels: outer Adam lr of the label logits (decays with --lr)
     label_init: float = 0.9          # learned labels: initial probability of the assigned class
+    label_form: str = "softmax"      # learned labels: 'softmax' (t = softmax(z)) or 'free' (t = z)
 
     @property
     def num_inner_steps(self):
@@ -148,6 +149,13 @@ class DistillConfig:
             (0 < self.label_init < 1, "label_init", "must be a probability strictly between 0 and 1"),
             (self.learn_labels or self.label_init == DistillConfig.label_init, "label_init",
              "only applies with --learn-labels"),
+            (self.label_form in labels.LABEL_FORMS, "label_form",
+             f"must be one of {', '.join(labels.LABEL_FORMS)}"),
+            (self.learn_labels or self.label_form == DistillConfig.label_form, "label_form",
+             "only applies with --learn-labels"),
+            (self.label_form == "softmax" or self.label_init == DistillConfig.label_init,
+             "label_init", "only applies with --label-form softmax (free labels start as the "
+                           "hard labels)"),
             (self.images >= 0, "images", "must be 0 (use --images-per-class) or a number of images"),
             (not self.images or self.images_per_class == 1, "images",
              "and --images-per-class both set the images per step: give only one of them"),
@@ -271,7 +279,7 @@ class Distiller:
         self.raw_lrs = backend.asarray(
             np.full((config.epochs, config.steps), inverse_softplus(config.distill_lr)), dtype=dtype)
         self.label_logits = (labels.initial_logits(self.labels, k, config.steps, dtype,
-                                                   config.label_init)
+                                                   config.label_init, config.label_form)
                              if config.learn_labels else None)
         self.adam = Adam(self.learned(), lr=config.lr, betas=config.betas)
         self.iteration = 0
@@ -364,9 +372,9 @@ class Distiller:
                     for theta0, x_real, batch_targets in zip(theta0s, x_reals, real_targets)]
         grads = {"x": sum(m.grad_x for m in meta) / len(meta),
                  "raw_lrs": sum(m.grad_raw_lrs for m in meta) / len(meta)}
-        if cfg.learn_labels:   # through t = softmax(z) to the logits z
+        if cfg.learn_labels:   # through t = softmax(z) (or t = z) to the label vectors z
             grads["label_logits"] = labels.logits_gradient(
-                targets, sum(m.grad_targets for m in meta) / len(meta))
+                targets, sum(m.grad_targets for m in meta) / len(meta), cfg.label_form)
         return sum(m.loss for m in meta) / len(meta), grads
 
     def learned(self):
@@ -381,7 +389,7 @@ class Distiller:
         or the learned soft labels softmax(z), (S, n, K)."""
         if self.label_logits is None:
             return self.targets
-        return labels.soft_targets(self.label_logits)
+        return labels.soft_targets(self.label_logits, self.config.label_form)
 
     def meta_gradients_in_order(self):
         """:meth:`meta_gradients` with the steps in their order, or — with ``order='random'`` — in
@@ -544,7 +552,8 @@ class Distiller:
 
     def soft_labels(self):
         """The learned label distributions (S, n, K), or None with fixed labels."""
-        return None if self.label_logits is None else labels.soft_targets(self.label_logits)
+        return (None if self.label_logits is None
+                else labels.soft_targets(self.label_logits, self.config.label_form))
 
     def evaluation_networks(self, n=None):
         """The θ0 of the networks a finished set is judged on: the fixed θ0 (fixed and

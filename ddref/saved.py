@@ -192,7 +192,8 @@ class DistilledSet:
         if self.soft_labels is not None:
             from ddref.labels import check_soft_labels
 
-            problem = check_soft_labels(self.soft_labels, *self.images.shape[:2], num_classes)
+            problem = check_soft_labels(self.soft_labels, *self.images.shape[:2], num_classes,
+                                        self.config.get("label_form", "softmax"))
             if problem:
                 fail(problem)
         if not (self.lrs > 0).all():

@@ -39,16 +39,18 @@ def make_problem(name, seed=0):
         real_targets=losses.one_hot(rng.integers(0, 10, N_REAL), 10, dtype="float64"))
 
 
-def label_gradient(engine, p):
-    """∂L/∂z for the logits z through both engines' ∂L/∂t and the softmax chain rule."""
-    targets = labels.soft_targets(p["logits"])
+def label_gradient(engine, p, form="softmax"):
+    """∂L/∂z for the label vectors z through both engines' ∂L/∂t and the chain rule of the
+    label form (softmax, or the identity for free labels)."""
+    targets = labels.soft_targets(p["logits"], form)
     mg = hypergrad.meta_gradient(engine, p["apply"], p["theta0"], p["x_distilled"], targets,
                                  p["raw_lrs"], p["x_real"], p["real_targets"], wrt_targets=True)
-    return mg, labels.logits_gradient(targets, mg.grad_targets)
+    return mg, labels.logits_gradient(targets, mg.grad_targets, form)
 
 
-def reference_meta_loss(p, logits):
-    """The meta-loss written out without ddref.unroll: per-step targets softmax(z[s])."""
+def reference_meta_loss(p, logits, form="softmax"):
+    """The meta-loss written out without ddref.unroll: per-step targets softmax(z[s]), or
+    z[s] itself for free labels."""
     apply = p["apply"]
 
     def loss(params, x, t):
@@ -59,7 +61,7 @@ def reference_meta_loss(p, logits):
         for s in range(STEPS):
             z = logits[s]
             t = np.exp(z - z.max(axis=1, keepdims=True))
-            t = t / t.sum(axis=1, keepdims=True)
+            t = t / t.sum(axis=1, keepdims=True) if form == "softmax" else z
             g = grad(loss)(theta, p["x_distilled"][s], t)
             theta = {k: theta[k] - np.logaddexp(0.0, p["raw_lrs"][e, s]) * g[k] for k in theta}
     return loss(theta, p["x_real"], p["real_targets"])
@@ -100,6 +102,27 @@ def test_label_gradient_matches_finite_differences(solved, rel_err, central_fd):
         direction /= np.linalg.norm(direction)
         fd = central_fd(lambda h: reference_meta_loss(p, p["logits"] + h * direction), eps=1e-4)
         if fd is None:             # a ReLU switch inside the step: try another direction
+            continue
+        assert rel_err(np.vdot(grad_z, direction), fd) < TOL, name
+        checked += 1
+    assert checked >= 3
+
+
+@pytest.mark.parametrize("engine", hypergrad.ENGINES)
+def test_free_label_gradient_matches_finite_differences(solved, engine, rel_err, central_fd):
+    """Free labels (t = z, any real vector): ∂L/∂z from both engines against central finite
+    differences of the written-out meta-loss, at label vectors well off the simplex."""
+    name, p, _, _ = solved
+    z = p["logits"] / 2 - 0.3                         # negative entries, rows not summing to 1
+    free = dict(p, logits=z)
+    _, grad_z = label_gradient(engine, free, "free")
+    rng = np.random.default_rng(2)
+    checked = 0
+    for _ in range(6):
+        direction = rng.normal(size=z.shape)
+        direction /= np.linalg.norm(direction)
+        fd = central_fd(lambda h: reference_meta_loss(p, z + h * direction, "free"), eps=1e-4)
+        if fd is None:
             continue
         assert rel_err(np.vdot(grad_z, direction), fd) < TOL, name
         checked += 1
@@ -179,6 +202,32 @@ def test_initial_logits_put_090_on_the_assigned_class():
     np.testing.assert_allclose(t.sum(axis=-1), 1.0, rtol=1e-12)
     other = labels.soft_targets(labels.initial_logits(np.array([2]), 5, 1, "float64", 0.99))
     np.testing.assert_allclose(other[0, 0], [0.0025, 0.0025, 0.99, 0.0025, 0.0025], rtol=1e-12)
+
+
+def test_free_labels_start_hard_and_are_their_own_targets(rng):
+    z = labels.initial_logits(np.array([0, 3, 3]), 10, 2, "float64", form="free")
+    np.testing.assert_array_equal(z, np.stack([losses.one_hot(np.array([0, 3, 3]), 10)] * 2))
+    assert labels.soft_targets(z, "free") is z
+    upstream = rng.normal(size=z.shape)
+    assert labels.logits_gradient(z, upstream, "free") is upstream
+    with pytest.raises(ValueError, match="label form must be one of softmax, free"):
+        labels.soft_targets(z, "sigmoid")
+
+
+def test_a_free_label_run_leaves_the_simplex_saves_and_evaluates(digits, tmp_path):
+    distiller = Distiller(config(label_form="free", label_lr=0.3), dataset=digits,
+                          progress=False).run()
+    learned = distiller.soft_labels()
+    assert (learned < 0).any() and not np.allclose(learned.sum(axis=-1), 1.0)
+    distiller.distilled_set().save(tmp_path / "d.npz")
+    loaded = DistilledSet.load(tmp_path / "d.npz", num_classes=10)
+    np.testing.assert_array_equal(loaded.soft_labels, learned)
+    assert held_out_accuracy(loaded, dataset=digits).mean == distiller.accuracy().mean
+    softmax_set = Distiller(config(iterations=1), dataset=digits, progress=False).run().distilled_set()
+    softmax_set.soft_labels = learned                   # the same numbers as distributions: refused
+    softmax_set.save(tmp_path / "s.npz")
+    with pytest.raises(SavedFileError, match="not probability rows"):
+        DistilledSet.load(tmp_path / "s.npz", num_classes=10)
 
 
 def test_label_init_sets_the_starting_labels(digits):
@@ -313,6 +362,9 @@ def test_hard_labels_with_fewer_images_than_classes(digits):
     (dict(learn_labels=False, label_lr=0.5), "--label-lr only applies with --learn-labels"),
     (dict(label_init=1.0), "--label-init must be a probability strictly between 0 and 1"),
     (dict(learn_labels=False, label_init=0.5), "--label-init only applies with --learn-labels"),
+    (dict(label_form="sigmoid"), "--label-form must be one of softmax, free"),
+    (dict(learn_labels=False, label_form="free"), "--label-form only applies with --learn-labels"),
+    (dict(label_form="free", label_init=0.5), "--label-init only applies with --label-form softmax"),
 ])
 def test_bad_label_settings_are_one_sentence(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -327,7 +379,7 @@ def test_more_images_of_a_class_than_it_has(digits):
 @pytest.mark.parametrize("change, message", [
     (lambda s: s[:, :, :9], "soft labels have shape"),
     (lambda s: s * 2, "not probability rows"),
-    (lambda s: np.where(s > 0.5, np.nan, s), "not probability rows"),
+    (lambda s: np.where(s > 0.5, np.nan, s), "NaN or inf"),
 ])
 def test_bad_soft_labels_are_refused_on_load(digits, tmp_path, change, message):
     distilled = Distiller(config(iterations=1), dataset=digits, progress=False).run().distilled_set()
