@@ -13,9 +13,10 @@ Each baseline fills the same S × n slots with images made from the real trainin
 Each is measured two ways:
 
 (a) as training data: exactly the same steps and epochs as the distilled set
-    (:func:`ddref.evaluate.train_on_steps`), with one learning rate for every step, the value
-    of ``LR_GRID`` with the best mean accuracy on the *training* split, from the same θ0
-    (fixed init) or the same held-out initialisations (random init);
+    (:func:`ddref.evaluate.train_on_steps`; many networks at once by ``train_many``), with one
+    learning rate for every step, the value of ``LR_GRID`` with the best mean accuracy on the
+    *training* split, from the same θ0 (fixed init) or the same held-out initialisations
+    (random init);
 (b) as the stored examples of a 1-nearest-neighbour classifier (Euclidean distance in the
     normalised pixel space) on the test split — distilled images get this row too.
 
