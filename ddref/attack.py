@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ddref import baselines
-from ddref.evaluate import Accuracy, predict, train_on_steps
+from ddref.evaluate import Accuracy, predict, train_many
 from ddref.losses import attack_targets, one_hot
 
 METRICS = ("attack_success", "other_classes_accuracy", "accuracy", "attacked_accuracy")
@@ -119,7 +119,7 @@ def evaluate_attack(model, dataset, x_steps, labels, lrs, inits, source, target)
     check_classes(source, target, dataset.num_classes)
     dtype = str(next(iter(inits[0].values())).dtype)
     targets = one_hot(labels, dataset.num_classes, dtype)
-    after = [train_on_steps(model.apply, theta0, x_steps, targets, lrs) for theta0 in inits]
+    after = train_many(model.apply, inits, x_steps, targets, lrs)
     measure = lambda nets: summarise(model.apply, nets, dataset.x_test, dataset.y_test, source,  # noqa: E731
                                      target, dataset.num_classes)
     return {"before": measure(inits), "after": measure(after)}
@@ -184,13 +184,11 @@ def relabelled_real_tradeoff(model, dataset, steps, epochs, labels, inits, sourc
     baseline's learning rate grows."""
     check_classes(source, target, dataset.num_classes)
     sets = relabelled_real_sets(dataset, steps, labels, n_draws, seed)
-    rows = []
-    for lr in lr_grid:
-        after = train_relabelled(model, dataset, sets, labels, epochs, inits[:n_draws], source,
-                                 target, lr)
-        rows.append((lr, summarise(model.apply, after, dataset.x_test, dataset.y_test, source,
-                                   target, dataset.num_classes)))
-    return rows
+    targets = relabelled_targets(labels, dataset.num_classes, source, target, _dtype_of(inits[0]))
+    grid = baselines.train_grid(model.apply, baselines.pairs_of(sets, inits[:n_draws]), targets,
+                                epochs, lr_grid)     # every lr × draw as one computation
+    return [(lr, summarise(model.apply, after, dataset.x_test, dataset.y_test, source, target,
+                           dataset.num_classes)) for lr, after in zip(lr_grid, grid)]
 
 
 def _dtype_of(params):

@@ -13,9 +13,10 @@ Each baseline fills the same S × n slots with images made from the real trainin
 Each is measured two ways:
 
 (a) as training data: exactly the same steps and epochs as the distilled set
-    (:func:`ddref.evaluate.train_on_steps`), with one learning rate for every step, the value
-    of ``LR_GRID`` with the best mean accuracy on the *training* split, from the same θ0
-    (fixed init) or the same held-out initialisations (random init);
+    (:func:`ddref.evaluate.train_on_steps`; many networks at once by ``train_many``), with one
+    learning rate for every step, the value of ``LR_GRID`` with the best mean accuracy on the
+    *training* split, from the same θ0 (fixed init) or the same held-out initialisations
+    (random init);
 (b) as the stored examples of a 1-nearest-neighbour classifier (Euclidean distance in the
     normalised pixel space) on the test split — distilled images get this row too.
 
@@ -31,8 +32,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from ddref import backend
-from ddref.evaluate import (BASELINE_LR_GRID, Accuracy, TrainingDiverged, accuracy_on,
-                            sample_real_steps, train_on_steps)
+from ddref.evaluate import BASELINE_LR_GRID, Accuracy, accuracies_on, sample_real_steps, train_many
 from ddref.losses import one_hot
 
 BASELINES = ("random_real", "optimised_real", "kmeans", "average")
@@ -112,25 +112,37 @@ def pairs_of(sets, inits):
 
 
 def train_pairs(apply, pairs, targets, epochs, lr):
-    """θ_T for each (images, θ0) pair, every step and epoch at learning rate ``lr``."""
-    return [train_on_steps(apply, theta0, x, targets, np.full((epochs, len(x)), lr))
-            for x, theta0 in pairs]
+    """θ_T for each (images, θ0) pair, every step and epoch at learning rate ``lr`` (the pairs
+    trained together, :func:`ddref.evaluate.train_many`)."""
+    return train_grid(apply, pairs, targets, epochs, [lr])[0]
+
+
+def train_grid(apply, pairs, targets, epochs, lr_grid):
+    """[θ_T of every pair] for each lr of ``lr_grid``: all lrs × pairs as one computation."""
+    steps = len(pairs[0][0])
+    runs = [(x, theta0, np.full((epochs, steps), lr)) for lr in lr_grid for x, theta0 in pairs]
+    trained = train_many(apply, [r[1] for r in runs], [r[0] for r in runs], targets,
+                         [r[2] for r in runs])
+    return [trained[i: i + len(pairs)] for i in range(0, len(trained), len(pairs))]
 
 
 def tune_lr(apply, pairs, targets, epochs, x, y, lr_grid=LR_GRID):
     """The value of ``lr_grid`` whose trained networks score best on (x, y), mean over pairs.
     Pass the training split (never the test split).  An lr whose training diverges (a
-    non-finite weight) scores −∞: too large a grid value is a bad choice, not an error."""
-    def score(lr):
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            trained = train_pairs(apply, pairs, targets, epochs, lr)
-            if not all(bool(backend.xp().isfinite(w).all()) for t in trained for w in t.values()):
-                return -np.inf
-            try:
-                return np.mean([accuracy_on(apply, theta, x, y) for theta in trained])
-            except TrainingDiverged:        # finite weights, but outputs that overflow
-                return -np.inf
-    return float(max(lr_grid, key=score))
+    non-finite weight or output) scores −∞: too large a grid value is a bad choice, not an
+    error, and it does not disturb the others (every network is judged on its own)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        flat = [theta for group in train_grid(apply, pairs, targets, epochs, lr_grid) for theta in group]
+        accs = accuracies_on(apply, flat, x, y, diverged="nan")
+    finite = [_all_finite(theta) and np.isfinite(a) for theta, a in zip(flat, accs)]
+    n = len(pairs)
+    scores = [np.mean(accs[i: i + n]) if all(finite[i: i + n]) else -np.inf
+              for i in range(0, len(flat), n)]
+    return float(lr_grid[max(range(len(lr_grid)), key=scores.__getitem__)])
+
+
+def _all_finite(params):
+    return all(bool(backend.xp().isfinite(w).all()) for w in params.values())
 
 
 def as_training_data(model, dataset, sets, labels, epochs, inits, lr_grid=LR_GRID, tune_pairs=3,
@@ -143,8 +155,7 @@ def as_training_data(model, dataset, sets, labels, epochs, inits, lr_grid=LR_GRI
     lr = tune_lr(model.apply, pairs[:tune_pairs], targets, epochs, dataset.x_train, dataset.y_train,
                  lr_grid)
     trained = train_pairs(model.apply, pairs[:n_pairs], targets, epochs, lr)
-    return Accuracy.of([accuracy_on(model.apply, t, dataset.x_test, dataset.y_test)
-                        for t in trained]), lr
+    return Accuracy.of(accuracies_on(model.apply, trained, dataset.x_test, dataset.y_test)), lr
 
 
 def scoring_inits(model, n, seed, dtype):
@@ -164,12 +175,11 @@ def optimised_real_sets(model, dataset, steps, epochs, labels, score_inits, lr, 
     targets = one_hot(labels, dataset.num_classes, _dtype_of(score_inits[0]))
     candidates = [random_real_steps(dataset, steps, labels, rng) for _ in range(n_candidates)]
 
-    def train_split_accuracy(x):
-        trained = train_pairs(model.apply, pairs_of([x], score_inits), targets, epochs, lr)
-        return np.mean([accuracy_on(model.apply, t, dataset.x_train, dataset.y_train)
-                        for t in trained])
-
-    scores = [train_split_accuracy(x) for x in candidates]
+    pairs = [(x, theta0) for x in candidates for theta0 in score_inits]   # all trained together
+    accs = accuracies_on(model.apply, train_pairs(model.apply, pairs, targets, epochs, lr),
+                         dataset.x_train, dataset.y_train)
+    n = len(score_inits)
+    scores = [np.mean(accs[i: i + n]) for i in range(0, len(accs), n)]
     best = np.argsort(scores, kind="stable")[::-1][:n_keep]
     return [candidates[i] for i in best]
 

@@ -4,6 +4,9 @@
   "full data" reference, and the way pre-trained initialisations are made).
 * :func:`train_on_steps` — train exactly as Algorithm 1 does: the given images in the
   given step order, with the given per-(epoch, step) learning rates.
+* :func:`train_many`, :func:`accuracies_on` — the same for many networks at once (held-out
+  inits, baseline draws, a learning-rate grid): stacked along a leading axis and trained as
+  one batched computation where the model allows it (the MLP), else one after the other.
 * :func:`evaluate_distilled` — accuracy of networks trained on a distilled set, from the
   fixed θ0 or as mean ± std over held-out random initialisations.
 * :func:`random_real_baseline` — the paper's baseline: the same number of random real
@@ -18,9 +21,9 @@ import numpy as np
 from autograd import value_and_grad
 from tqdm import tqdm
 
-from ddref import backend
+from ddref import backend, fused
 from ddref.losses import accuracy, cross_entropy, one_hot
-from ddref.unroll import unroll
+from ddref.unroll import check_finite, check_schedule, step_schedule, step_targets, unroll
 
 BASELINE_LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
@@ -43,10 +46,14 @@ def accuracy_on(apply, params, x, y) -> float:
     chance-level number."""
     logits = predict(apply, params, x)
     if not np.isfinite(logits).all():
-        raise TrainingDiverged(
-            "training on these images diverged (the network's outputs are NaN or inf): the "
-            "learning rates are too large for them")
+        raise _diverged()
     return accuracy(logits, y)
+
+
+def _diverged():
+    return TrainingDiverged(
+        "training on these images diverged (the network's outputs are NaN or inf): the "
+        "learning rates are too large for them")
 
 
 def _dtype_of(params):
@@ -134,6 +141,145 @@ def train_on_steps(apply, theta0, x_steps, targets, lrs, momentum=0.0):
     return unroll(*args)
 
 
+# ---------------------------------------------------------------------------- many networks at once
+
+EVAL_CHUNK = 32   # networks stacked into one computation; more go chunk by chunk.  Memory per
+                  # chunk: 32 × (parameters + 2048 test images × the widest layer), ~60 MB for
+                  # the MLP on 28×28 images in float32.
+
+
+def train_many(apply, theta0s, x_steps, targets, lrs, momentum=0.0):
+    """θ_T of K networks: network k trained exactly as :func:`train_on_steps` trains it from
+    ``theta0s[k]``, here for many networks at once (held-out inits, baseline draws, a grid).
+
+    x_steps : one set (S, n, C, H, W) shared by all, or one per network (a list of K sets or
+              an array (K, S, n, C, H, W))
+    targets : (n, classes) or per step (S, n, classes), shared by all
+    lrs     : (E, S) shared by all, or one schedule per network (K, E, S)
+
+    When the model's fast gradient stacks (the MLP, :class:`ddref.fused.FastGradient`) the K
+    networks get a leading axis and every inner step is one batched computation: the loss is
+    the sum of the K losses, so each network descends its own gradient, at its own rate.  A
+    network that diverges does not disturb the others: its weights turn non-finite (judge it
+    with :func:`accuracies_on`).  Other models are trained one after the other."""
+    k = len(theta0s)
+    sets = _one_per_network("x_steps", x_steps, k, 5)
+    schedules = _one_per_network("lrs", lrs, k, 2)
+    fast = fused.gradient_for(apply, cross_entropy)
+    if k < 2 or fast is None or not fast.stackable:
+        return [train_on_steps(apply, theta0, x, targets, schedule, momentum)
+                for theta0, x, schedule in zip(theta0s, sets, schedules)]
+    _check_stackable(sets, schedules, momentum)
+    dtype = _dtype_of(theta0s[0])
+    targets = backend.asarray(targets, dtype=dtype)
+    shared = sets[0] if all(x is sets[0] for x in sets) else None
+    trained = []
+    for start in range(0, k, EVAL_CHUNK):
+        chunk = slice(start, start + EVAL_CHUNK)
+        trained += _train_stacked(fast, theta0s[chunk], shared if shared is not None else sets[chunk],
+                                  targets, schedules[chunk], momentum, dtype)
+    return trained
+
+
+def _one_per_network(name, value, k, ndim):
+    """``value`` as a list of K entries: itself K times when it has ``ndim`` axes (shared),
+    else its K entries (a list of K, or an array with one more axis)."""
+    if isinstance(value, (list, tuple)) and len(value) == k and np.ndim(value[0]) == ndim:
+        return list(value)
+    if np.ndim(value) == ndim:
+        return [value] * k
+    if np.ndim(value) == ndim + 1 and len(value) == k:
+        return list(value)
+    raise ValueError(
+        f"{name} must be one array with {ndim} axes shared by all {k} networks, or {k} of them "
+        f"(an array with {ndim + 1} axes); got shape {np.shape(value)}.")
+
+
+def _check_stackable(sets, schedules, momentum):
+    """The checks :func:`train_on_steps` makes, for every network, before anything is trained."""
+    for x, schedule in zip(sets, schedules):
+        if np.shape(x) != np.shape(sets[0]) or np.shape(schedule) != np.shape(schedules[0]):
+            raise ValueError(
+                f"networks trained together need sets and learning rates of one shape; got "
+                f"{np.shape(x)} with {np.shape(schedule)} beside {np.shape(sets[0])} with "
+                f"{np.shape(schedules[0])}: train them in separate calls.")
+        check_schedule(backend.asarray(x), backend.asarray(schedule))
+        check_finite("the distilled images", backend.asarray(x))
+        check_finite("the learning rates", backend.asarray(schedule))
+    if momentum:
+        from ddref.reversible import check_momentum
+        check_momentum(momentum)
+
+
+def _train_stacked(fast, theta0s, x_steps, targets, schedules, momentum, dtype):
+    """The batched inner loop for K ≤ EVAL_CHUNK networks: x_steps one shared (S, n, C, H, W)
+    array or a list of K; returns the K trained parameter dicts."""
+    xp = backend.xp()
+    k = len(theta0s)
+    if isinstance(x_steps, list):       # (S, K, n, C, H, W): step s is one contiguous block
+        x_steps = xp.stack([backend.asarray(x, dtype=dtype) for x in x_steps], axis=1)
+    else:
+        x_steps = backend.asarray(x_steps, dtype=dtype)
+    lrs = xp.stack([backend.asarray(schedule, dtype=dtype) for schedule in schedules])  # (K, E, S)
+    params = {name: xp.stack([theta0[name] for theta0 in theta0s]) for name in theta0s[0]}
+    velocity = {name: xp.zeros_like(p) for name, p in params.items()}
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for e, s in step_schedule(*lrs.shape[1:]):
+            _, grads = fast.value_and_grad(params, x_steps[s], step_targets(targets, s))
+            lr = lrs[:, e, s]
+            if momentum:                # v ← βv − η g,  θ ← θ + v   (reversible.momentum_step)
+                velocity = {n: momentum * velocity[n] - _per_row(lr, g) * g for n, g in grads.items()}
+                params = {n: params[n] + velocity[n] for n in params}
+            else:                       # θ ← θ − η g   (unroll.sgd_step)
+                params = {n: p - _per_row(lr, p) * grads[n] for n, p in params.items()}
+    return [{name: params[name][i] for name in params} for i in range(k)]
+
+
+def _per_row(lr, like):
+    """The K rates (K,) shaped to multiply an array (K, …) row by row."""
+    return lr.reshape((len(lr),) + (1,) * (len(like.shape) - 1))
+
+
+def accuracies_on(apply, nets, x, y, diverged="raise"):
+    """The accuracy on (x, y) of each network in ``nets``, as :func:`accuracy_on` gives it one
+    by one; stacked networks (the MLP) share one batched forward pass per batch of images.  A
+    network whose outputs are NaN or inf raises :class:`TrainingDiverged` (``diverged="raise"``)
+    or scores NaN (``diverged="nan"``) without disturbing the others."""
+    if diverged not in ("raise", "nan"):
+        raise ValueError(f"diverged must be 'raise' or 'nan', got {diverged!r}.")
+    fast = fused.gradient_for(apply, cross_entropy)
+    stackable = fast is not None and fast.stackable and len(nets) > 1
+    scores, finite = [], []
+    for start in range(0, len(nets), EVAL_CHUNK if stackable else 1):
+        chunk = nets[start: start + EVAL_CHUNK]
+        if stackable:
+            predicted, ok = _stacked_predictions(fast, chunk, x)
+        else:
+            logits = predict(apply, chunk[0], x)
+            predicted, ok = logits.argmax(axis=1)[None], np.isfinite(logits).all()[None]
+        scores += list((predicted == backend.to_numpy(y)).mean(axis=1))
+        finite += list(ok)
+    if diverged == "raise" and not all(finite):
+        raise _diverged()
+    return [float(a) if ok else float("nan") for a, ok in zip(scores, finite)]
+
+
+def _stacked_predictions(fast, nets, x, batch_size=2048):
+    """(K, N) predicted classes and (K,) whether each network's outputs are all finite."""
+    params = {name: backend.xp().stack([p[name] for p in nets]) for name in nets[0]}
+    dtype = _dtype_of(params)
+    predicted, finite = [], np.ones(len(nets), dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for start in range(0, len(x), batch_size):
+            h = backend.asarray(x[start: start + batch_size], dtype=dtype)
+            for layer in fast.layers:
+                h, _ = layer.forward(params, h)
+            logits = backend.to_numpy(h)                        # (K, batch, classes)
+            finite &= np.isfinite(logits).all(axis=(1, 2))
+            predicted.append(logits.argmax(axis=2))
+    return np.concatenate(predicted, axis=1), finite
+
+
 @dataclass(frozen=True)
 class Accuracy:
     """Test accuracy as mean ± std over ``n`` trained networks (``n`` = 1: std is 0)."""
@@ -172,9 +318,8 @@ def evaluate_distilled(model, dataset, x_steps, labels, lrs, theta0=None, n_init
                else backend.asarray(soft_labels, dtype=dtype))
     if inits is None:
         inits = [theta0] if theta0 is not None else held_out_inits(model, n_inits, seed, dtype)
-    accs = [accuracy_on(model.apply, train_on_steps(model.apply, th, x_steps, targets, lrs, momentum),
-                          dataset.x_test, dataset.y_test) for th in inits]
-    return Accuracy.of(accs)
+    trained = train_many(model.apply, inits, x_steps, targets, lrs, momentum)
+    return Accuracy.of(accuracies_on(model.apply, trained, dataset.x_test, dataset.y_test))
 
 
 def sample_real_steps(dataset, steps, labels, rng):

@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 import ddref
 from ddref import backend, data, nn, transforms
-from ddref.evaluate import (Accuracy, accuracy_on, evaluate_distilled, random_real_baseline,
-                            train_full)
+from ddref.evaluate import (Accuracy, accuracies_on, accuracy_on, evaluate_distilled,
+                            random_real_baseline, train_full)
 
 PRETRAINED_MODES = ("fixed-pretrained", "random-pretrained")
 SPLITS = ("train", "held-out")
@@ -348,7 +348,7 @@ def evaluate(model, target: data.Dataset, x_steps, labels, lrs, nets, seed=0, ba
     """
     dtype = str(backend.to_numpy(x_steps).dtype)
     steps, epochs = x_steps.shape[0], lrs.shape[0]
-    before = [accuracy_on(model.apply, th, target.x_test, target.y_test) for th in nets]
+    before = accuracies_on(model.apply, nets, target.x_test, target.y_test)
     distilled = evaluate_distilled(model, target, x_steps, labels, lrs, inits=nets)
     with np.errstate(over="ignore", invalid="ignore"):  # the lr grid's largest values diverge
         baseline, baseline_lr = random_real_baseline(

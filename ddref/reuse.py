@@ -20,8 +20,8 @@ import dataclasses
 import numpy as np
 
 from ddref import backend, nn
-from ddref.evaluate import (BASELINE_LR_GRID, Accuracy, TrainingDiverged, accuracy_on,
-                            held_out_inits, train_on_steps)
+from ddref.evaluate import (BASELINE_LR_GRID, Accuracy, TrainingDiverged, accuracies_on,
+                            held_out_inits, train_many, train_on_steps)
 from ddref.losses import one_hot
 from ddref.unroll import sgd_step
 
@@ -34,8 +34,7 @@ def networks_to_train(model, theta0, n_inits, seed, dtype):
 
 
 def _test_accuracy(model, dataset, params_list):
-    return Accuracy.of([accuracy_on(model.apply, p, dataset.x_test, dataset.y_test)
-                        for p in params_list])
+    return Accuracy.of(accuracies_on(model.apply, params_list, dataset.x_test, dataset.y_test))
 
 
 def _as_device(x, dtype):
@@ -60,9 +59,11 @@ def shuffled_order_accuracy(model, dataset, x_steps, labels, lrs, theta0=None, n
     dtype = str(x_steps.dtype)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x0DE5]))
     inits = networks_to_train(model, theta0, n_inits, seed, dtype)
-    trained = [train_on_ordered_steps(model, inits[i % len(inits)], x_steps, labels, lrs,
-                                      rng.permutation(len(x_steps)), momentum)
-               for i in range(max(n_orders, len(inits)))]
+    n = max(n_orders, len(inits))
+    orders = [rng.permutation(len(x_steps)) for _ in range(n)]
+    trained = train_many(model.apply, [inits[i % len(inits)] for i in range(n)],
+                         [x_steps[order] for order in orders],
+                         one_hot(labels, model.num_classes, dtype), lrs, momentum)
     return _test_accuracy(model, dataset, trained)
 
 
@@ -101,8 +102,7 @@ def pool_accuracy(model, dataset, x_steps, labels, epochs, theta0=None, n_inits=
 
     def train_split_accuracy(lr):
         try:
-            return np.mean([accuracy_on(model.apply, p, dataset.x_train, dataset.y_train)
-                            for p in trained(lr)])
+            return np.mean(accuracies_on(model.apply, trained(lr), dataset.x_train, dataset.y_train))
         except TrainingDiverged:
             return -np.inf
 
@@ -118,9 +118,11 @@ def order_accuracy(order, model, dataset, x_steps, labels, lrs, theta0=None, n_i
     if order not in ORDERS:
         raise ValueError(f"--order must be one of {', '.join(ORDERS)}; got {order!r}.")
     if order == "learned":
-        inits = networks_to_train(model, theta0, n_inits, seed, str(x_steps.dtype))
-        return _test_accuracy(model, dataset, [train_on_ordered_steps(
-            model, th, x_steps, labels, lrs, np.arange(len(x_steps)), momentum) for th in inits]), None
+        dtype = str(x_steps.dtype)
+        inits = networks_to_train(model, theta0, n_inits, seed, dtype)
+        trained = train_many(model.apply, inits, x_steps, one_hot(labels, model.num_classes, dtype),
+                             lrs, momentum)
+        return _test_accuracy(model, dataset, trained), None
     if order == "shuffled":
         return shuffled_order_accuracy(model, dataset, x_steps, labels, lrs, theta0, n_inits,
                                        seed=seed, momentum=momentum), None
@@ -186,12 +188,12 @@ def other_architecture_accuracy(model_name, dataset, x_steps, labels, lrs, n_ini
     targets = one_hot(labels, dataset.num_classes, dtype)
 
     def trained(schedule):
-        return [train_on_steps(model.apply, th, x, targets, schedule, momentum) for th in inits]
+        return train_many(model.apply, inits, x, targets, schedule, momentum)
 
     def train_split_accuracy(lr):
         try:
-            return np.mean([accuracy_on(model.apply, p, dataset.x_train, dataset.y_train)
-                            for p in trained(np.full(lrs.shape, lr))])
+            return np.mean(accuracies_on(model.apply, trained(np.full(lrs.shape, lr)),
+                                         dataset.x_train, dataset.y_train))
         except TrainingDiverged:
             return -np.inf
 
