@@ -427,9 +427,6 @@ def _evaluate_reuse(distilled, path, args):
     from ddref import reuse
     from ddref.distill import check_n_inits, prepared_for_evaluation
 
-    if distilled.soft_labels is not None:
-        raise ValueError(f"{path} has learned soft labels, which --order and --model do not use "
-                         f"yet; evaluate it without them.")
     config, dataset, model, x, lrs, theta0 = prepared_for_evaluation(distilled, source=str(path))
     if args.model in (None, config.model):
         check_n_inits(args.n_inits, config, str(path))
@@ -439,7 +436,8 @@ def _evaluate_reuse(distilled, path, args):
             raise ValueError("--order with another --model: give one of them at a time.")
         result = reuse.other_architecture_accuracy(args.model, dataset, x, distilled.labels, lrs,
                                                    n_inits=n_inits, seed=config.seed,
-                                                   momentum=config.momentum)
+                                                   momentum=config.momentum,
+                                                   soft_labels=distilled.soft_labels)
         learned = result["learned_lrs"] or "diverged (the learned rates are too large for it)"
         print(f"{args.model} trained on {path} (distilled for {config.model}), {n_inits} held-out inits:")
         print(f"  with the learned learning rates: {learned}")
@@ -448,7 +446,8 @@ def _evaluate_reuse(distilled, path, args):
     order = args.order or "learned"
     accuracy, lr = reuse.order_accuracy(order, model, dataset, x, distilled.labels, lrs,
                                         theta0=theta0, n_inits=n_inits, seed=config.seed,
-                                        momentum=config.momentum)
+                                        momentum=config.momentum,
+                                        soft_labels=distilled.soft_labels)
     print(f"test accuracy, {order} order{f' (tuned lr {lr:g})' if lr else ''}: {accuracy}")
     return 0
 

@@ -11,6 +11,9 @@ measurement here:
 * **Another architecture.**  A network other than the one the set was distilled for, trained
   on the same steps with the learned rates, and with one constant rate tuned on the training
   split.  Images are padded where the other network needs a larger input (28×28 → 32×32).
+
+A set with learned labels (``soft_labels``, (S, n, K), :mod:`ddref.labels`) trains with them
+every way: each image keeps its own label when the steps are reordered or pooled.
 """
 
 from __future__ import annotations
@@ -41,19 +44,31 @@ def _as_device(x, dtype):
     return backend.asarray(x, dtype=dtype)
 
 
+def set_targets(labels, num_classes, dtype, soft_labels=None):
+    """The training targets of a set: its learned labels (S, n, K) when it has them, else the
+    one-hot rows (n, K) of its fixed ``labels``, shared by every step."""
+    if soft_labels is not None:
+        return _as_device(soft_labels, dtype)
+    return one_hot(labels, num_classes, dtype)
+
+
 # ---------------------------------------------------------------------------- step order
 
 
-def train_on_ordered_steps(model, theta0, x_steps, labels, lrs, order, momentum=0.0):
+def train_on_ordered_steps(model, theta0, x_steps, labels, lrs, order, momentum=0.0,
+                           soft_labels=None):
     """Train as Algorithm 1 does, visiting the image groups in ``order`` (a permutation of
-    the S steps) in every epoch; the rate η̃[e, s] stays with position s of the schedule."""
-    dtype = str(x_steps.dtype)
-    targets = one_hot(labels, model.num_classes, dtype)
-    return train_on_steps(model.apply, theta0, x_steps[np.asarray(order)], targets, lrs, momentum)
+    the S steps) in every epoch; the rate η̃[e, s] stays with position s of the schedule,
+    learned labels move with their images."""
+    order = np.asarray(order)
+    targets = set_targets(labels, model.num_classes, str(x_steps.dtype), soft_labels)
+    if soft_labels is not None:
+        targets = targets[order]
+    return train_on_steps(model.apply, theta0, x_steps[order], targets, lrs, momentum)
 
 
 def shuffled_order_accuracy(model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10,
-                            n_orders=10, seed=0, momentum=0.0):
+                            n_orders=10, seed=0, momentum=0.0, soft_labels=None):
     """Test accuracy with the steps visited in ``n_orders`` random orders (each order paired
     with one network: the fixed θ0, or held-out inits in turn)."""
     dtype = str(x_steps.dtype)
@@ -61,16 +76,22 @@ def shuffled_order_accuracy(model, dataset, x_steps, labels, lrs, theta0=None, n
     inits = networks_to_train(model, theta0, n_inits, seed, dtype)
     n = max(n_orders, len(inits))
     orders = [rng.permutation(len(x_steps)) for _ in range(n)]
-    trained = train_many(model.apply, [inits[i % len(inits)] for i in range(n)],
-                         [x_steps[order] for order in orders],
-                         one_hot(labels, model.num_classes, dtype), lrs, momentum)
+    starts = [inits[i % len(inits)] for i in range(n)]
+    if soft_labels is None:      # one-hot targets are the same in every order: train together
+        trained = train_many(model.apply, starts, [x_steps[order] for order in orders],
+                             one_hot(labels, model.num_classes, dtype), lrs, momentum)
+    else:                        # each order carries its own arrangement of the learned labels
+        trained = [train_on_ordered_steps(model, start, x_steps, labels, lrs, order, momentum,
+                                          soft_labels) for start, order in zip(starts, orders)]
     return _test_accuracy(model, dataset, trained)
 
 
-def train_on_pool(model, theta0, images, labels, batch_size, n_steps, lr, rng):
-    """Minibatch SGD on an unordered pool: each epoch shuffles the pool and walks through it
-    in batches of ``batch_size``, until ``n_steps`` steps are done; one constant ``lr``."""
+def train_on_pool(model, theta0, images, targets, batch_size, n_steps, lr, rng):
+    """Minibatch SGD on an unordered pool of images with their target rows (N, K): each epoch
+    shuffles the pool and walks through it in batches of ``batch_size``, until ``n_steps``
+    steps are done; one constant ``lr``."""
     dtype = str(images.dtype)
+    targets = _as_device(targets, dtype)
     params, done = theta0, 0
     while done < n_steps:
         order = rng.permutation(len(images))
@@ -78,26 +99,29 @@ def train_on_pool(model, theta0, images, labels, batch_size, n_steps, lr, rng):
             if done == n_steps:
                 break
             batch = order[start: start + batch_size]
-            targets = one_hot(labels[batch], model.num_classes, dtype)
-            params = sgd_step(model.apply, params, _as_device(images[batch], dtype), targets,
-                              _as_device(lr, dtype))
+            params = sgd_step(model.apply, params, _as_device(images[batch], dtype),
+                              targets[backend.asarray(batch)], _as_device(lr, dtype))
             done += 1
     return params
 
 
 def pool_accuracy(model, dataset, x_steps, labels, epochs, theta0=None, n_inits=10, seed=0,
-                  lr_grid=BASELINE_LR_GRID):
+                  lr_grid=BASELINE_LR_GRID, soft_labels=None):
     """The distilled images as an unordered data set: E·S minibatch steps of n images each
     (the same budget as the learned schedule), the constant lr with the best *training-split*
     accuracy on the grid.  Returns (Accuracy on the test split, chosen lr)."""
     steps, n = x_steps.shape[:2]
+    dtype = str(x_steps.dtype)
     images = x_steps.reshape(steps * n, *x_steps.shape[2:])
-    pool_labels = np.tile(np.asarray(labels), steps)
-    inits = networks_to_train(model, theta0, n_inits, seed, str(x_steps.dtype))
+    if soft_labels is None:
+        pool_targets = one_hot(np.tile(np.asarray(labels), steps), model.num_classes, dtype)
+    else:                            # image i of step s keeps its own learned label
+        pool_targets = np.asarray(soft_labels, dtype=dtype).reshape(steps * n, -1)
+    inits = networks_to_train(model, theta0, n_inits, seed, dtype)
 
     def trained(lr):
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x9001]))
-        return [train_on_pool(model, th, images, pool_labels, n, epochs * steps, lr, rng)
+        return [train_on_pool(model, th, images, pool_targets, n, epochs * steps, lr, rng)
                 for th in inits]
 
     def train_split_accuracy(lr):
@@ -111,22 +135,23 @@ def pool_accuracy(model, dataset, x_steps, labels, epochs, theta0=None, n_inits=
 
 
 def order_accuracy(order, model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10, seed=0,
-                   momentum=0.0):
+                   momentum=0.0, soft_labels=None):
     """Accuracy (and, for ``pool``, the tuned lr; else None) of one way of ordering the set.
     ``momentum`` is the inner loop's β, used by the learned and shuffled schedules; the pool is
-    trained by plain minibatch SGD."""
+    trained by plain minibatch SGD.  ``soft_labels``: the set's learned labels, if it has them."""
     if order not in ORDERS:
         raise ValueError(f"--order must be one of {', '.join(ORDERS)}; got {order!r}.")
     if order == "learned":
         dtype = str(x_steps.dtype)
         inits = networks_to_train(model, theta0, n_inits, seed, dtype)
-        trained = train_many(model.apply, inits, x_steps, one_hot(labels, model.num_classes, dtype),
-                             lrs, momentum)
+        trained = train_many(model.apply, inits, x_steps,
+                             set_targets(labels, model.num_classes, dtype, soft_labels), lrs, momentum)
         return _test_accuracy(model, dataset, trained), None
     if order == "shuffled":
         return shuffled_order_accuracy(model, dataset, x_steps, labels, lrs, theta0, n_inits,
-                                       seed=seed, momentum=momentum), None
-    return pool_accuracy(model, dataset, x_steps, labels, lrs.shape[0], theta0, n_inits, seed)
+                                       seed=seed, momentum=momentum, soft_labels=soft_labels), None
+    return pool_accuracy(model, dataset, x_steps, labels, lrs.shape[0], theta0, n_inits, seed,
+                         soft_labels=soft_labels)
 
 
 # ---------------------------------------------------------------------------- other architectures
@@ -172,7 +197,7 @@ def padded_dataset(dataset, image_shape):
 
 
 def other_architecture_accuracy(model_name, dataset, x_steps, labels, lrs, n_inits=10, seed=0,
-                                lr_grid=BASELINE_LR_GRID, momentum=0.0):
+                                lr_grid=BASELINE_LR_GRID, momentum=0.0, soft_labels=None):
     """Train networks of another architecture (held-out random inits) on the distilled steps:
     with the learned rates, and with one constant rate tuned on the training split.  Images
     (distilled, training and test) are padded to the size that network takes.
@@ -185,7 +210,7 @@ def other_architecture_accuracy(model_name, dataset, x_steps, labels, lrs, n_ini
     background = -np.asarray(dataset.mean, dtype=float) / np.asarray(dataset.std, dtype=float)
     x = pad_images(x_steps, shape, background)
     inits = held_out_inits(model, n_inits, seed, dtype)
-    targets = one_hot(labels, dataset.num_classes, dtype)
+    targets = set_targets(labels, dataset.num_classes, dtype, soft_labels)
 
     def trained(schedule):
         return train_many(model.apply, inits, x, targets, schedule, momentum)

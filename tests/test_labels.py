@@ -402,8 +402,10 @@ def test_cli_learns_labels_and_evaluate_reproduces(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["evaluate", str(out)]) == 0
     assert "reproduced" in capsys.readouterr().out
-    assert cli.main(["evaluate", str(out), "--order", "shuffled"]) == 2
-    assert "learned soft labels, which --order and --model do not use" in capsys.readouterr().err
+    assert cli.main(["evaluate", str(out), "--order", "shuffled"]) == 0
+    assert "test accuracy, shuffled order" in capsys.readouterr().out
+    assert cli.main(["evaluate", str(out), "--model", "lenet", "--n-inits", "1"]) == 0
+    assert "with the learned learning rates" in capsys.readouterr().out
 
 
 def test_label_lr_is_the_adam_rate_of_the_logits(digits):

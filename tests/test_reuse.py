@@ -47,11 +47,56 @@ def test_a_pool_step_with_the_whole_pool_is_one_full_batch_step(distilled):
     d = distilled
     images = d.x.reshape(30, 1, 8, 8)
     labels = np.tile(d.labels, 3)
-    pooled = reuse.train_on_pool(d.model, d.theta0, images, labels, batch_size=30, n_steps=1,
-                                 lr=0.1, rng=np.random.default_rng(0))
+    pooled = reuse.train_on_pool(d.model, d.theta0, images, one_hot(labels, 10), batch_size=30,
+                                 n_steps=1, lr=0.1, rng=np.random.default_rng(0))
     full = sgd_step(d.model.apply, d.theta0, images, one_hot(labels, 10), 0.1)
     for k in full:
         np.testing.assert_allclose(pooled[k], full[k], rtol=1e-10, atol=1e-12)
+
+
+def soft_labels_for(d, seed=0):
+    """Random label distributions (S, n, K) standing in for learned ones."""
+    z = np.random.default_rng(seed).normal(size=(*d.x.shape[:2], 10))
+    return np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+
+
+def test_learned_labels_move_with_their_images(distilled):
+    d, soft = distilled, soft_labels_for(distilled)
+    a = reuse.train_on_ordered_steps(d.model, d.theta0, d.x, d.labels, d.lrs(), [2, 0, 1],
+                                     soft_labels=soft)
+    b = train_on_steps(d.model.apply, d.theta0, d.x[[2, 0, 1]], soft[[2, 0, 1]], d.lrs())
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_a_pool_of_images_with_learned_labels_trains_on_them(distilled, digits):
+    d, soft = distilled, soft_labels_for(distilled)
+    images, targets = d.x.reshape(30, 1, 8, 8), soft.reshape(30, 10)
+    pooled = reuse.train_on_pool(d.model, d.theta0, images, targets, batch_size=30, n_steps=1,
+                                 lr=0.1, rng=np.random.default_rng(0))
+    full = sgd_step(d.model.apply, d.theta0, images, targets, 0.1)
+    for k in full:
+        np.testing.assert_allclose(pooled[k], full[k], rtol=1e-10, atol=1e-12)
+
+
+def test_every_use_of_a_set_trains_with_its_learned_labels(distilled, digits):
+    """learned order = evaluate_distilled with the soft labels; shuffled, pool and another
+    architecture give other numbers with them than with the hard labels."""
+    from ddref.evaluate import evaluate_distilled
+
+    d, soft = distilled, soft_labels_for(distilled)
+    learned, _ = reuse.order_accuracy("learned", d.model, digits, d.x, d.labels, d.lrs(), d.theta0,
+                                      soft_labels=soft)
+    assert learned == evaluate_distilled(d.model, digits, d.x, d.labels, d.lrs(), theta0=d.theta0,
+                                         soft_labels=soft)
+    for order in ("learned", "shuffled", "pool"):
+        with_soft = reuse.order_accuracy(order, d.model, digits, d.x, d.labels, d.lrs(), d.theta0,
+                                         soft_labels=soft)
+        hard = reuse.order_accuracy(order, d.model, digits, d.x, d.labels, d.lrs(), d.theta0)
+        assert with_soft[0].mean != hard[0].mean, order
+    other = [reuse.other_architecture_accuracy("mlp", digits, d.x, d.labels, d.lrs(), n_inits=2,
+                                               lr_grid=(0.1,), soft_labels=s) for s in (soft, None)]
+    assert other[0]["learned_lrs"].mean != other[1]["learned_lrs"].mean
 
 
 def test_every_order_is_measured(distilled, digits):
