@@ -4,11 +4,13 @@
 # 400), float32, one BLAS thread; one fixed θ0 per seed, so each run is one trained network.
 #   10 images: hard labels and free learned labels (t = z, label lr 0.003), seeds 0-5; free
 #              labels with label lr 0.01, seeds 0-2; softmax learned labels, two settings, seed 0;
-#   5 images for 10 classes: hard labels (classes 0-4 only) and free learned labels, seed 0.
+#   5 images for 10 classes: hard labels (classes 0-4 only) and free learned labels, seed 0;
+#   10 images, 2,000 iterations: hard and free labels (label lr 0.003), seeds 0-2.
 # Prints the final test accuracy of each run, the mean of its last five curve points (every 50
 # iterations: a single point swings by several points) and the mean outer loss of its last 100
-# iterations.  About 4 minutes a run alone on one core (80 minutes for the 19 runs; runs already
-# finished in OUT are kept).
+# iterations (for the 2,000-iteration runs the last five points span iterations 1,600-2,000).
+# About 4 minutes per 1,000 iterations alone on one core (two hours for the 25 runs; runs
+# already finished in OUT are kept).
 # Usage: bash benchmarks/labels_mnist5k.sh [OUT]        (default runs/labels-mnist5k)
 set -euo pipefail
 out=${1:-runs/labels-mnist5k}
@@ -32,6 +34,12 @@ run softmax-10-init0.9 --learn-labels --label-lr 0.01
 run softmax-10-init0.99 --learn-labels --label-lr 0.01 --label-init 0.99
 run hard-5 --images 5
 run free-5 --images 5 "${free[@]}" --label-lr 0.01
+# twice as long: 2,000 iterations, outer lr halved every 800 (options given later win)
+long=(--iterations 2000 --decay-every 800 --eval-every 100)
+for seed in 0 1 2; do
+    run "hard-10-2000it-seed$seed" "${long[@]}" --seed "$seed"
+    run "free-10-2000it-seed$seed" "${long[@]}" "${free[@]}" --label-lr 0.003 --seed "$seed"
+done
 
 python - "$out" <<'PY'
 import json, pathlib, sys
