@@ -373,7 +373,7 @@ def _draw(out, distilled, history, baseline, stem=""):
         from ddref.labels import plot_soft_labels
 
         plt.close(plot_soft_labels(distilled.soft_labels, classes, path=out / f"{stem}labels.png",
-                                   title="learned label distributions (rows: images, step by step)"))
+                                   form=distilled.config.get("label_form", "softmax")))
     if history is None:
         return
     cfg = distilled.config
@@ -492,8 +492,11 @@ def cmd_show(args):
     stem = "" if path.name == "distilled.npz" else path.stem + "-"
     print(f"drawing {path} …")
     _draw(out, distilled, history, baseline, stem)
-    drawn = f"{out}/{stem}distilled.png" + (f" and {out}/{stem}curves.png" if history else "")
-    print(f"wrote {drawn}" + ("" if history else f" (no metrics.json beside {path.name}: no curves)"))
+    drawn = [f"{out}/{stem}{name}.png" for name, made in (
+        ("distilled", True), ("labels", distilled.soft_labels is not None), ("curves", history))
+        if made]
+    print(f"wrote {', '.join(drawn)}"
+          + ("" if history else f" (no metrics.json beside {path.name}: no curves)"))
     return 0
 
 

@@ -88,9 +88,9 @@ class DistillConfig:
     train_pool: str = ""             # recorded by the run: training pool file and checksum
     eval_pool: str = ""              # recorded by the run: held-out pool file and checksum
     # beyond the paper (ddref.labels): learned soft labels, any number of images per step
-    learn_labels: bool = False       # learn a label distribution (softmax of logits) for every image
+    learn_labels: bool = False       # learn a label for every image (ddref.labels, --label-form)
     images: int = 0                  # images per step, classes assigned round-robin (0: images_per_class × K)
-    label_lr: float = 0.1            # learned labels: outer Adam lr of the label logits (decays with --lr)
+    label_lr: float = 0.1            # learned labels: outer Adam lr of the label vectors (decays with --lr)
     label_init: float = 0.9          # learned labels: initial probability of the assigned class
     label_form: str = "softmax"      # learned labels: 'softmax' (t = softmax(z)) or 'free' (t = z)
 
@@ -386,7 +386,7 @@ class Distiller:
 
     def inner_targets(self):
         """The targets of the inner loop: the fixed one-hot labels (n, K) shared by every step,
-        or the learned soft labels softmax(z), (S, n, K)."""
+        or the learned labels softmax(z) — or z itself for --label-form free — (S, n, K)."""
         if self.label_logits is None:
             return self.targets
         return labels.soft_targets(self.label_logits, self.config.label_form)
@@ -551,7 +551,7 @@ class Distiller:
                                   soft_labels=self.soft_labels())
 
     def soft_labels(self):
-        """The learned label distributions (S, n, K), or None with fixed labels."""
+        """The learned labels as training targets (S, n, K), or None with fixed labels."""
         return (None if self.label_logits is None
                 else labels.soft_targets(self.label_logits, self.config.label_form))
 

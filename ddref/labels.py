@@ -108,10 +108,12 @@ def check_soft_labels(soft_labels, steps, n_images, num_classes=None, form="soft
     return None
 
 
-def plot_soft_labels(soft_labels, class_names=None, title=None, path=None, max_steps=None):
+def plot_soft_labels(soft_labels, class_names=None, title=None, path=None, max_steps=None,
+                     form="softmax"):
     """A heat map of the learned labels of the first ``max_steps`` steps (default all): one
-    row per distilled image, step after step, one column per class.  Distributions are drawn
-    on [0, 1]; free labels (any sign) on a diverging scale centred on 0."""
+    row per distilled image, step after step, one column per class.  Distributions (the
+    softmax form) are drawn on [0, 1]; free labels (any sign) on a diverging scale centred
+    on 0.  ``title`` defaults to one that names the form."""
     import matplotlib.pyplot as plt
 
     s = np.asarray(soft_labels)[:max_steps]
@@ -119,7 +121,8 @@ def plot_soft_labels(soft_labels, class_names=None, title=None, path=None, max_s
     k = rows.shape[1]
     names = list(class_names) if class_names is not None else [str(c) for c in range(k)]
     fig, ax = plt.subplots(figsize=(0.45 * k + 2, 0.32 * len(rows) + 1.2))
-    distributions = rows.min() >= 0 and np.allclose(rows.sum(axis=1), 1.0, atol=1e-4)
+    _check_form(form)
+    distributions = form == "softmax"
     if distributions:
         image = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     else:
@@ -132,8 +135,8 @@ def plot_soft_labels(soft_labels, class_names=None, title=None, path=None, max_s
     ax.set_yticks(range(len(rows)), [f"step {i // n + 1}, {i % n}" for i in range(len(rows))],
                   fontsize=6)
     fig.colorbar(image, ax=ax, label="target probability" if distributions else "target value")
-    if title:
-        ax.set_title(title, fontsize=10)
+    kind = "distributions" if distributions else "vectors (free)"
+    ax.set_title(title or f"learned label {kind} (rows: images, step by step)", fontsize=10)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)

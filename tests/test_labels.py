@@ -92,41 +92,36 @@ def test_engines_agree_on_the_label_gradient(solved, rel_err):
             assert rel_err(mg.grad_raw_lrs, plain["naive"][0].grad_raw_lrs) < AGREE, (name, engine)
 
 
-def test_label_gradient_matches_finite_differences(solved, rel_err, central_fd):
-    name, p, fast, _ = solved
-    grad_z = fast["backgrad"][1]
-    rng = np.random.default_rng(1)
+def assert_matches_finite_differences(p, z, grad_z, form, seed, rel_err, central_fd):
+    """∂L/∂z along random unit directions against central differences of the written-out
+    meta-loss; a direction whose difference straddles a ReLU switch is skipped (3 must pass)."""
+    rng = np.random.default_rng(seed)
     checked = 0
     for _ in range(6):
-        direction = rng.normal(size=p["logits"].shape)
+        direction = rng.normal(size=z.shape)
         direction /= np.linalg.norm(direction)
-        fd = central_fd(lambda h: reference_meta_loss(p, p["logits"] + h * direction), eps=1e-4)
-        if fd is None:             # a ReLU switch inside the step: try another direction
+        fd = central_fd(lambda h: reference_meta_loss(p, z + h * direction, form), eps=1e-4)
+        if fd is None:
             continue
-        assert rel_err(np.vdot(grad_z, direction), fd) < TOL, name
+        assert rel_err(np.vdot(grad_z, direction), fd) < TOL
         checked += 1
     assert checked >= 3
+
+
+def test_label_gradient_matches_finite_differences(solved, rel_err, central_fd):
+    _, p, fast, _ = solved
+    assert_matches_finite_differences(p, p["logits"], fast["backgrad"][1], "softmax", 1, rel_err,
+                                      central_fd)
 
 
 @pytest.mark.parametrize("engine", hypergrad.ENGINES)
 def test_free_label_gradient_matches_finite_differences(solved, engine, rel_err, central_fd):
     """Free labels (t = z, any real vector): ∂L/∂z from both engines against central finite
     differences of the written-out meta-loss, at label vectors well off the simplex."""
-    name, p, _, _ = solved
+    _, p, _, _ = solved
     z = p["logits"] / 2 - 0.3                         # negative entries, rows not summing to 1
-    free = dict(p, logits=z)
-    _, grad_z = label_gradient(engine, free, "free")
-    rng = np.random.default_rng(2)
-    checked = 0
-    for _ in range(6):
-        direction = rng.normal(size=z.shape)
-        direction /= np.linalg.norm(direction)
-        fd = central_fd(lambda h: reference_meta_loss(p, z + h * direction, "free"), eps=1e-4)
-        if fd is None:
-            continue
-        assert rel_err(np.vdot(grad_z, direction), fd) < TOL, name
-        checked += 1
-    assert checked >= 3
+    _, grad_z = label_gradient(engine, dict(p, logits=z), "free")
+    assert_matches_finite_differences(p, z, grad_z, "free", 2, rel_err, central_fd)
 
 
 def test_shared_targets_get_the_summed_gradient(rel_err):
@@ -228,6 +223,21 @@ def test_a_free_label_run_leaves_the_simplex_saves_and_evaluates(digits, tmp_pat
     softmax_set.save(tmp_path / "s.npz")
     with pytest.raises(SavedFileError, match="not probability rows"):
         DistilledSet.load(tmp_path / "s.npz", num_classes=10)
+
+
+@pytest.mark.parametrize("form, title, limits", [
+    ("softmax", "learned label distributions", (0.0, 1.0)),
+    ("free", "learned label vectors (free)", (-2.5, 2.5)),
+])
+def test_the_label_picture_says_which_form_it_draws(form, title, limits):
+    import matplotlib.pyplot as plt
+
+    values = labels.soft_targets(np.array([[[2.5, -1.0, 0.5], [0.0, 1.0, -2.0]]]), form)
+    fig = labels.plot_soft_labels(values, form=form)
+    ax = fig.axes[0]
+    assert ax.get_title().startswith(title)
+    np.testing.assert_allclose(ax.images[0].get_clim(), limits)
+    plt.close(fig)
 
 
 def test_label_init_sets_the_starting_labels(digits):
