@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from ddref import backend, hypergrad, losses, nn
+from ddref import backend, engines, hypergrad, losses, nn
 from ddref.unroll import inverse_softplus
 
 
@@ -71,12 +71,12 @@ def _time_backend(name, args, p, warmup):
                 xp.cuda.runtime.deviceSynchronize()
 
         for _ in range(warmup):
-            hypergrad.meta_gradient("backgrad", **inputs)
+            engines.meta_gradient("backgrad", **inputs)
         synchronize()
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            result = hypergrad.meta_gradient("backgrad", **inputs)
+            result = engines.meta_gradient("backgrad", **inputs)
             synchronize()
             times.append(time.perf_counter() - start)
         return min(times), result

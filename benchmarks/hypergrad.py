@@ -7,8 +7,8 @@ For each model/data set and each T it measures, on the real data set:
 * forward  — the inner unroll alone, ``ddref.unroll.unroll(apply, θ0, x̃, y, softplus(raw))``,
              then the outer loss on the real batch, no meta-gradient (each inner step still
              takes its own ∇θ ℓ: that *is* the forward pass of Algorithm 1);
-* naive    — ``ddref.hypergrad.meta_gradient("naive", …)``;
-* backgrad — ``ddref.hypergrad.meta_gradient("backgrad", …)``;
+* naive    — ``ddref.engines.meta_gradient("naive", …)``;
+* backgrad — ``ddref.engines.meta_gradient("backgrad", …)``;
 
 reporting the median seconds per call over ``--repeats`` timed calls, the ratio
 time(meta-gradient) / time(forward) (ratio of the medians), and the peak memory of one
@@ -269,7 +269,7 @@ def setup_model(model_name, dtype, seed):
 
 
 def bench_table(args):
-    from ddref import hypergrad, losses
+    from ddref import engines, hypergrad, losses
     from ddref.unroll import inverse_softplus, softplus, unroll
 
     rows = []
@@ -297,7 +297,7 @@ def bench_table(args):
                 return float(losses.cross_entropy(model.apply(params, x_real), real_targets))
 
             def engine_fn(engine):
-                return lambda: hypergrad.meta_gradient(engine, model.apply, theta0, x, targets, raw,
+                return lambda: engines.meta_gradient(engine, model.apply, theta0, x, targets, raw,
                                                        x_real, real_targets)
 
             fns = {"forward": forward, **{e: engine_fn(e) for e in args.engines}}

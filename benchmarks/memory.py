@@ -102,11 +102,11 @@ def problem(model_name, T, dtype, seed):
 
 
 def engine_call(engine, p, momentum):
-    from ddref import reversible
+    from ddref import engines
 
     if engine == "truncate":
-        return lambda: reversible.meta_gradient("backgrad", **p, momentum=momentum, truncate=TRUNCATE)
-    return lambda: reversible.meta_gradient(engine, **p, momentum=momentum)
+        return lambda: engines.meta_gradient("backgrad", **p, momentum=momentum, truncate=TRUNCATE)
+    return lambda: engines.meta_gradient(engine, **p, momentum=momentum)
 
 
 def run(args):

@@ -51,7 +51,7 @@ SETUPS, limit_threads, print_environment, setup_model = (
 
 def phases(model, theta0, x, targets, raw, x_real, real_targets):
     """name -> zero-argument function, one per phase of the meta-gradient."""
-    from ddref import hypergrad
+    from ddref import engines, hypergrad
     from ddref.unroll import check_schedule, loss_and_grad, softplus, step_schedule
 
     lrs = softplus(raw)
@@ -64,9 +64,9 @@ def phases(model, theta0, x, targets, raw, x_real, real_targets):
         "inner gradient": lambda: hypergrad.train_keeping_weights(apply, theta0, x, targets, lrs, schedule),
         "outer loss": lambda: loss_and_grad(apply, thetas[-1], x_real, real_targets),
         "reverse pass": lambda: hypergrad.reverse_pass(apply, thetas, x, targets, lrs, schedule, v),
-        "backgrad": lambda: hypergrad.meta_gradient("backgrad", apply, theta0, x, targets, raw,
+        "backgrad": lambda: engines.meta_gradient("backgrad", apply, theta0, x, targets, raw,
                                                     x_real, real_targets),
-        "naive": lambda: hypergrad.meta_gradient("naive", apply, theta0, x, targets, raw,
+        "naive": lambda: engines.meta_gradient("naive", apply, theta0, x, targets, raw,
                                                  x_real, real_targets),
     }
 

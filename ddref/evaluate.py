@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ddref import backend, fused
 from ddref.losses import accuracy, cross_entropy, one_hot
+from ddref.optim import Adam  # noqa: F401  (the outer optimiser, also trains full-data networks)
 from ddref.unroll import check_finite, check_schedule, step_schedule, step_targets, unroll
 
 BASELINE_LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -91,39 +92,6 @@ def train_full(model, dataset, epochs=20, batch_size=64, lr=1e-3, seed=0, dtype=
             losses.append(float(loss))
         bar.set_postfix(loss=f"{np.mean(losses):.4f}")
     return params
-
-
-class Adam:
-    """Adam on a dict of arrays:  m ← β1 m + (1−β1) g,  v ← β2 v + (1−β2) g²,
-    p ← p − lr · m̂ / (√v̂ + ε) with the bias-corrected m̂ = m/(1−β1ᵗ), v̂ = v/(1−β2ᵗ)."""
-
-    def __init__(self, params, lr=0.01, betas=(0.5, 0.999), eps=1e-8):
-        self.lr, self.betas, self.eps = lr, betas, eps
-        self.t = 0
-        self.m = {k: backend.xp().zeros_like(p) for k, p in params.items()}
-        self.v = {k: backend.xp().zeros_like(p) for k, p in params.items()}
-
-    def step(self, params, grads):
-        self.t += 1
-        b1, b2 = self.betas
-        out = {}
-        for k in params:
-            self.m[k] = b1 * self.m[k] + (1 - b1) * grads[k]
-            self.v[k] = b2 * self.v[k] + (1 - b2) * grads[k] ** 2
-            m_hat = self.m[k] / (1 - b1 ** self.t)
-            v_hat = self.v[k] / (1 - b2 ** self.t)
-            out[k] = params[k] - (self.lr * m_hat / (backend.xp().sqrt(v_hat) + self.eps)).astype(
-                params[k].dtype)
-        return out
-
-    def state(self):
-        """Everything needed to continue exactly where it stopped."""
-        return {"t": self.t, "lr": self.lr, "m": dict(self.m), "v": dict(self.v)}
-
-    def load_state(self, state):
-        self.t, self.lr = int(state["t"]), float(state["lr"])
-        self.m = {k: backend.asarray(v) for k, v in state["m"].items()}
-        self.v = {k: backend.asarray(v) for k, v in state["v"].items()}
 
 
 # ---------------------------------------------------------------------------- Algorithm-1 style training

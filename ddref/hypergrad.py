@@ -25,6 +25,9 @@ error, g, the step θ − η g and the products above come from the hand-written
 :mod:`ddref.fused` instead of autograd tracing ``apply`` twice: the same numbers (to
 rounding; tests/test_fused.py), several times faster.  The equations here are unchanged;
 ``with fused.plain():`` runs the plain path.
+
+The engines are chosen by name in :mod:`ddref.engines`, the one registry, which runs these
+plain paths for β = 0 without truncation.
 """
 
 from __future__ import annotations
@@ -36,10 +39,8 @@ from autograd import make_vjp, value_and_grad
 
 from ddref import fused
 from ddref.losses import cross_entropy
-from ddref.unroll import (check_finite, check_schedule, descend, inner_grad, loss_and_grad, softplus,
+from ddref.unroll import (check_schedule, descend, inner_grad, loss_and_grad, softplus,
                           step_schedule, step_targets, unroll)
-
-ENGINES = ("naive", "backgrad")
 
 
 @dataclass(frozen=True)
@@ -61,47 +62,24 @@ def outer_loss_of_params(apply, params, x_real, real_targets, loss=cross_entropy
     return loss(apply(params, x_real), real_targets)
 
 
-def meta_gradient(engine, apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets,
-                  loss=cross_entropy, wrt_targets=False):
-    """Outer loss and its gradient w.r.t. (x̃, raw η̃) with the chosen engine.  ``loss`` is
-    used both inside (training on x̃) and outside (on the real batch).  ``wrt_targets``: also
-    the gradient w.r.t. the inner targets ((n, K) shared or (S, n, K) per step), for
-    learned labels (:mod:`ddref.labels`)."""
-    if engine not in ENGINES:
-        raise ValueError(f"unknown meta-gradient engine {engine!r}: choose one of {', '.join(ENGINES)}.")
-    check_schedule(x_distilled, raw_lrs)
-    check_finite("the distilled images", x_distilled)
-    check_finite("the raw learning rates", raw_lrs)
-    engine_function = naive if engine == "naive" else backgrad
-    return engine_function(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets, loss,
-                           wrt_targets)
-
-
-def mean_meta_gradient(engine, apply, theta0s, x_distilled, targets, raw_lrs, x_reals, real_targets,
-                       loss=cross_entropy):
-    """The meta-gradient averaged over networks: network k starts from ``theta0s[k]`` and is
-    judged on ``x_reals[k]`` against ``real_targets[k]`` (random init, §3.3, several θ0 per
-    iteration).  Mathematically the mean of :func:`meta_gradient` over k.
-
-    With back-gradient and a model whose fast path stacks (the MLP), the K networks are
-    trained side by side as one computation: every parameter gets a leading axis K, the
-    distilled images are shared, each inner step's matrix products become batched products,
-    and the meta-gradient of the summed outer loss divided by K is the mean (the K
-    networks are independent, so ∂/∂θ_k of the sum is network k's own gradient)."""
-    k = len(theta0s)
+def stacks(apply, loss=cross_entropy) -> bool:
+    """Whether the model's fast gradient can train several networks as one computation."""
     fast = fused.gradient_for(apply, loss)
-    if k > 1 and engine == "backgrad" and fast is not None and fast.stackable:
-        check_finite("the distilled images", x_distilled)
-        check_finite("the raw learning rates", raw_lrs)
-        stacked = {name: anp.stack([theta0[name] for theta0 in theta0s]) for name in theta0s[0]}
-        mg = backgrad(apply, stacked, x_distilled, targets, raw_lrs, anp.stack(x_reals),
-                      anp.stack(real_targets), loss)
-        return MetaGradient(mg.loss / k, mg.grad_x / k, mg.grad_raw_lrs / k)
-    total_loss, grad_x, grad_raw = 0.0, 0.0, 0.0
-    for theta0, x_real, targets_real in zip(theta0s, x_reals, real_targets):
-        mg = meta_gradient(engine, apply, theta0, x_distilled, targets, raw_lrs, x_real, targets_real, loss)
-        total_loss, grad_x, grad_raw = total_loss + mg.loss, grad_x + mg.grad_x, grad_raw + mg.grad_raw_lrs
-    return MetaGradient(total_loss / k, grad_x / k, grad_raw / k)
+    return fast is not None and fast.stackable
+
+
+def stacked_backgrad(apply, theta0s, x_distilled, targets, raw_lrs, x_reals, real_targets,
+                     loss=cross_entropy):
+    """Back-gradient averaged over K networks trained side by side as one computation: every
+    parameter gets a leading axis K, the distilled images are shared, each inner step's matrix
+    products become batched products, and the meta-gradient of the summed outer loss divided by
+    K is the mean (the K networks are independent, so ∂/∂θ_k of the sum is network k's own
+    gradient).  For models whose fast path stacks (:func:`stacks`, the MLP)."""
+    k = len(theta0s)
+    stacked = {name: anp.stack([theta0[name] for theta0 in theta0s]) for name in theta0s[0]}
+    mg = backgrad(apply, stacked, x_distilled, targets, raw_lrs, anp.stack(x_reals),
+                  anp.stack(real_targets), loss)
+    return MetaGradient(mg.loss / k, mg.grad_x / k, mg.grad_raw_lrs / k)
 
 
 def naive(apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets, loss=cross_entropy,

@@ -36,8 +36,8 @@ import autograd.numpy as anp
 import numpy as np
 from autograd import value_and_grad
 
-from ddref import backend, hypergrad, nn
-from ddref.evaluate import Adam
+from ddref import backend, engines, nn
+from ddref.optim import Adam
 from ddref.losses import squared_error
 from ddref.unroll import softplus  # log(1 + eˣ): keeps learning rates positive
 
@@ -632,7 +632,7 @@ def learned_error_curve(dim, n_distilled_values, rng, n_steps=1, radius=1.0, **l
 
 @dataclass
 class Algorithm1Result:
-    """Distilled points learned by :mod:`ddref.hypergrad` (not by the closed forms above),
+    """Distilled points learned by :mod:`ddref.engines` (not by the closed forms above),
     as host float64 arrays."""
 
     d_distilled: np.ndarray   # (M, D)
@@ -748,15 +748,15 @@ def _check_algorithm1_options(n_distilled, iterations, inits, n_nets, initial_lr
         raise ValueError(f"inits must be 'cubature' or 'random'; got {inits!r}.")
     _check_lr(initial_lr, "initial_lr")
     _check_lr(step_size, "step_size")
-    if engine not in hypergrad.ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(hypergrad.ENGINES)}; got {engine!r}.")
+    if engine not in engines.ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(engines.ENGINES)}; got {engine!r}.")
 
 
 def distill_with_algorithm1(d, t, n_distilled, rng, iterations=1500, inits="cubature", n_nets=4,
                             initial_lr=0.02, step_size=0.03, engine="backgrad"):
     """Distil linear regression with the general code: the ``linear`` model of :mod:`ddref.nn`,
     the squared error as ℓ, one step of :func:`ddref.unroll.unroll`, meta-gradients from
-    :func:`ddref.hypergrad.meta_gradient` averaged over initialisations θ0 ~ N(0, I), and
+    :func:`ddref.engines.meta_gradient` averaged over initialisations θ0 ~ N(0, I), and
     Adam on (d̃, raw η̃) with step size ``step_size`` and t̃ fixed (:func:`fixed_labels`), as
     Algorithm 1 keeps labels fixed.
 
@@ -792,7 +792,7 @@ def distill_with_algorithm1(d, t, n_distilled, rng, iterations=1500, inits="cuba
     for _ in range(iterations):
         if inits == "random":
             theta0 = model.init(rng, scheme="normal")  # n_nets draws of N(0, I), side by side
-        meta = hypergrad.meta_gradient(engine, model.apply, theta0, x, targets, raw_lr,
+        meta = engines.meta_gradient(engine, model.apply, theta0, x, targets, raw_lr,
                                        x_real, real_targets, loss=squared_error)
         updated = adam.step({"x": x, "raw_lr": raw_lr},
                             {"x": meta.grad_x / n_inits, "raw_lr": meta.grad_raw_lrs / n_inits})

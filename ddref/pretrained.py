@@ -391,7 +391,7 @@ def evaluate_run(config, model, target, x_steps, labels, lrs, pools: RunPools, n
 
 def evaluate_saved(distilled, n_nets=None, baseline_draws=None, progress=True, root=None) -> dict:
     """Re-evaluate a saved pre-trained-mode distilled set on the pool(s) it records."""
-    from ddref.distill import DistillConfig
+    from ddref.config import DistillConfig
 
     config = DistillConfig.from_dict(distilled.config)
     target = data.load(config.dataset)

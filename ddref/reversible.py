@@ -59,7 +59,6 @@ from ddref.hypergrad import MetaGradient, outer_loss_of_params
 from ddref.losses import cross_entropy
 from ddref.unroll import check_schedule, inner_grad, softplus, step_schedule
 
-ENGINES = ("naive", "backgrad", "checkpoint", "reverse")
 WINDOWS = ("last", "random")
 RADIX_BITS = 48                   # the grid: int64 counts of 2^-48
 MAX_DENOMINATOR = 1024            # reverse: β = n/d with d ≤ this (the product is exact to n grid points)
@@ -132,9 +131,8 @@ def momentum_fraction(momentum):
 
 
 def check_options(engine, momentum, truncate, window, num_steps, segment=None, rng=None):
-    """One clear ValueError for a combination that cannot work, before anything is computed."""
-    if engine not in ENGINES:
-        raise ValueError(f"unknown meta-gradient engine {engine!r}: choose one of {', '.join(ENGINES)}.")
+    """One clear ValueError for inner-loop options that cannot work with ``engine`` (a name of
+    :data:`ddref.engines.ENGINES`), before anything is computed."""
     check_momentum(momentum)
     if engine == "reverse":
         momentum_fraction(momentum)
@@ -155,29 +153,24 @@ def check_options(engine, momentum, truncate, window, num_steps, segment=None, r
 def meta_gradient(engine, apply, theta0, x_distilled, targets, raw_lrs, x_real, real_targets,
                   loss=cross_entropy, momentum=0.0, truncate=None, window="last", rng=None,
                   segment=None):
-    """Outer loss and its gradient w.r.t. (x̃, raw η̃) for the momentum unroll, with the chosen
-    engine (see the module docstring), optionally truncated to ``truncate`` steps.
+    """Outer loss and its gradient w.r.t. (x̃, raw η̃) for the momentum unroll, with
+    ``engine`` — one of :func:`naive`, :func:`backgrad`, :func:`checkpoint`, :func:`reverse`
+    (chosen by name in :mod:`ddref.engines`) — optionally truncated to ``truncate`` steps.
 
     segment : checkpoint engine, steps between stored states (default round(√T)).
     Returns :class:`ddref.hypergrad.MetaGradient`; with truncation, the raw learning rates
     outside the window get gradient 0.
     """
     schedule = step_schedule(*check_schedule(x_distilled, raw_lrs))
-    check_options(engine, momentum, truncate, window, len(schedule), segment, rng)
+    check_options(engine.__name__, momentum, truncate, window, len(schedule), segment, rng)
     start, stop = window_bounds(len(schedule), truncate, window, rng)
     lrs = softplus(raw_lrs)
     params, velocity = train(apply, theta0, zero_velocity(theta0), x_distilled, targets, lrs,
                              schedule[:start], momentum, loss)
     problem = Window(apply, x_distilled, targets, lrs, schedule[start:stop], momentum, loss,
                      x_real, real_targets)
-    if engine == "naive":
-        outer_loss, grad_x, grad_lrs = naive(problem, params, velocity)
-    elif engine == "backgrad":
-        outer_loss, grad_x, grad_lrs = backgrad(problem, params, velocity)
-    elif engine == "checkpoint":
-        outer_loss, grad_x, grad_lrs = checkpoint(problem, params, velocity, segment)
-    else:
-        outer_loss, grad_x, grad_lrs = reverse(problem, params, velocity)
+    options = {"segment": segment} if engine is checkpoint else {}
+    outer_loss, grad_x, grad_lrs = engine(problem, params, velocity, **options)
     return MetaGradient(float(outer_loss), grad_x, grad_lrs * _sigmoid(raw_lrs))
 
 

@@ -4,7 +4,7 @@ the distilled set on disk, and re-evaluation."""
 import numpy as np
 import pytest
 
-from ddref import data, hypergrad
+from ddref import data, engines, hypergrad
 from ddref.distill import (DistillConfig, DistilledSet, DistillError, Distiller,
                            distilled_labels, held_out_accuracy)
 from ddref.evaluate import Adam, random_real_baseline, sample_real_steps
@@ -198,7 +198,7 @@ def test_meta_gradient_is_the_mean_over_n_nets(digits, monkeypatch):
                         lambda: drawn_batches.append(sample_batch()) or drawn_batches[-1])
     loss, grad_x, grad_raw = distiller.meta_gradient()
     assert len(drawn_theta0) == len(drawn_batches) == 3
-    singles = [hypergrad.meta_gradient("backgrad", distiller.model.apply, theta0, distiller.x,
+    singles = [engines.meta_gradient("backgrad", distiller.model.apply, theta0, distiller.x,
                                        distiller.targets, distiller.raw_lrs, x_real, targets)
                for theta0, (x_real, targets) in zip(drawn_theta0, drawn_batches)]
     np.testing.assert_allclose(loss, np.mean([m.loss for m in singles]), rtol=1e-12)

@@ -10,7 +10,7 @@ import pytest
 from test_data import publish
 from test_hypergrad import AGREE, TOL, make_problem, reference_meta_loss
 
-from ddref import cli, data, hypergrad, nn, pretrained, transforms
+from ddref import cli, data, engines, hypergrad, nn, pretrained, transforms
 from ddref.distill import DistillConfig, DistilledSet, Distiller
 from ddref.pretrained import PoolError, PoolSpec
 
@@ -260,7 +260,7 @@ def test_meta_gradient_from_a_pretrained_theta0(pretrained_mlp64, rel_err, centr
     trained network instead of a fresh draw."""
     p = make_problem("mlp", seed=2)
     p["theta0"] = pretrained_mlp64
-    mg = {e: hypergrad.meta_gradient(e, **p) for e in hypergrad.ENGINES}
+    mg = {e: engines.meta_gradient(e, **p) for e in ("naive", "backgrad")}
     assert rel_err(mg["naive"].loss, reference_meta_loss(p, p["x_distilled"], p["raw_lrs"])) < 1e-12
     assert rel_err(mg["naive"].grad_x, mg["backgrad"].grad_x) < AGREE
     assert rel_err(mg["naive"].grad_raw_lrs, mg["backgrad"].grad_raw_lrs) < AGREE
@@ -274,14 +274,14 @@ def test_meta_gradient_from_a_pretrained_theta0(pretrained_mlp64, rel_err, centr
         if fd is not None:
             break
     assert fd is not None
-    for engine in hypergrad.ENGINES:
+    for engine in ("naive", "backgrad"):
         assert rel_err(fd, np.vdot(mg[engine].grad_x, d)) < TOL
     for i in np.ndindex(raw.shape):
         unit = np.zeros_like(raw)
         unit[i] = 1.0
         fd = central_fd(lambda t: reference_meta_loss(p, x, raw + t * unit), eps=1e-4, halvings=6)
         assert fd is not None
-        for engine in hypergrad.ENGINES:
+        for engine in ("naive", "backgrad"):
             assert rel_err(fd, mg[engine].grad_raw_lrs[i]) < TOL
 
 

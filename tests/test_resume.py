@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from ddref import data, distill, evaluate, hypergrad
+from ddref import data, distill, engines, evaluate, hypergrad
 from ddref.distill import DistillConfig, Distiller
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from autograd import grad
 
-from ddref import hypergrad, losses, reversible
+from ddref import engines, hypergrad, losses, reversible
 from ddref.distill import DistillConfig, Distiller
 from ddref.evaluate import train_on_steps
 from ddref.reversible import ExactMomentum, RemainderBuffer, ReversalError
@@ -28,7 +28,7 @@ TOL = 1e-6
 def momentum_solved(request):
     """A problem and every engine's answer with β = 0.9, computed once per model."""
     p = make_problem(request.param)
-    answers = {e: reversible.meta_gradient(e, **p, momentum=BETA) for e in reversible.ENGINES}
+    answers = {e: engines.meta_gradient(e, **p, momentum=BETA) for e in engines.ENGINES}
     return request.param, p, answers
 
 
@@ -72,7 +72,7 @@ def test_zero_momentum_is_plain_gradient_descent_bit_for_bit(dtype):
 def test_zero_momentum_engines_match_hypergrad_backgrad(engine, rel_err):
     p = make_problem("mlp")
     want = hypergrad.backgrad(**p)
-    got = reversible.meta_gradient(engine, **p, momentum=0.0)
+    got = engines.meta_gradient(engine, **p, momentum=0.0, specialise=False)
     assert rel_err(got.loss, want.loss) < 1e-12
     assert rel_err(got.grad_x, want.grad_x) < 1e-12
     assert rel_err(got.grad_raw_lrs, want.grad_raw_lrs) < 1e-12
@@ -95,7 +95,7 @@ def test_evaluation_trains_with_the_same_momentum():
 
 def test_momentum_changes_the_meta_gradient(momentum_solved, rel_err):
     _, p, mg = momentum_solved
-    plain = reversible.meta_gradient("backgrad", **p, momentum=0.0)
+    plain = engines.meta_gradient("backgrad", **p, momentum=0.0, specialise=False)
     assert rel_err(plain.grad_x, mg["naive"].grad_x) > 1e-3
 
 
@@ -117,8 +117,8 @@ def test_backgrad_and_checkpoint_match_naive(momentum_solved, rel_err):
 @pytest.mark.parametrize("segment", [1, 2, 4, T, T + 3])
 def test_checkpoint_equals_backgrad_for_any_segment(segment, rel_err):
     p = make_problem("mlp")
-    want = reversible.meta_gradient("backgrad", **p, momentum=BETA)
-    got = reversible.meta_gradient("checkpoint", **p, momentum=BETA, segment=segment)
+    want = engines.meta_gradient("backgrad", **p, momentum=BETA)
+    got = engines.meta_gradient("checkpoint", **p, momentum=BETA, segment=segment)
     assert rel_err(got.loss, want.loss) < 1e-12
     assert rel_err(got.grad_x, want.grad_x) < 1e-12
     assert rel_err(got.grad_raw_lrs, want.grad_raw_lrs) < 1e-12
@@ -149,7 +149,7 @@ def test_momentum_gradients_match_finite_differences(momentum_solved, rel_err, c
             break
     else:
         pytest.fail(f"{name}: every direction straddled a switching surface")
-    for engine in reversible.ENGINES:
+    for engine in engines.ENGINES:
         assert rel_err(fd, np.vdot(mg[engine].grad_x, d)) < TOL, engine
     indices = list(np.ndindex(raw.shape)) if name == "mlp" else [(0, 0), (EPOCHS - 1, STEPS - 1)]
     for i in indices:
@@ -157,7 +157,7 @@ def test_momentum_gradients_match_finite_differences(momentum_solved, rel_err, c
         e[i] = 1.0
         fd = central_fd(lambda t: reference_momentum_loss(p, x, raw + t * e), eps=1e-4, halvings=6)
         assert fd is not None, f"raw_lrs{i}: finite difference straddles a switch"
-        for engine in reversible.ENGINES:
+        for engine in engines.ENGINES:
             assert rel_err(fd, mg[engine].grad_raw_lrs[i]) < TOL, (engine, i)
 
 
@@ -229,7 +229,7 @@ def test_an_unreproducible_gradient_is_caught(monkeypatch):
 
     monkeypatch.setattr(reversible, "inner_grad", flaky_grad)
     with pytest.raises(ReversalError, match="did not come back to θ_0"):
-        reversible.meta_gradient("reverse", **p, momentum=BETA)
+        engines.meta_gradient("reverse", **p, momentum=BETA)
 
 
 def test_float_momentum_cannot_be_reversed():
@@ -295,18 +295,18 @@ def test_buffer_grows_by_log2_one_over_beta_bits_per_step(beta, bits):
 
 def test_truncating_to_all_steps_changes_nothing(rel_err):
     p = make_problem("mlp")
-    full = reversible.meta_gradient("backgrad", **p, momentum=BETA)
-    for engine in reversible.ENGINES:
-        cut = reversible.meta_gradient(engine, **p, momentum=BETA, truncate=T)
+    full = engines.meta_gradient("backgrad", **p, momentum=BETA)
+    for engine in engines.ENGINES:
+        cut = engines.meta_gradient(engine, **p, momentum=BETA, truncate=T)
         assert rel_err(cut.grad_x, full.grad_x) < 1e-10, engine
 
 
-@pytest.mark.parametrize("engine", reversible.ENGINES)
+@pytest.mark.parametrize("engine", engines.ENGINES)
 def test_truncation_differentiates_only_the_last_k_steps(engine, rel_err):
     p = make_problem("mlp")
     k = 2
-    cut = reversible.meta_gradient(engine, **p, momentum=BETA, truncate=k)
-    exact = reversible.meta_gradient("naive", **p, momentum=BETA)
+    cut = engines.meta_gradient(engine, **p, momentum=BETA, truncate=k)
+    exact = engines.meta_gradient("naive", **p, momentum=BETA)
     flat = cut.grad_raw_lrs.ravel()
     assert np.all(flat[:T - k] == 0) and np.all(flat[T - k:] != 0)
     assert rel_err(cut.loss, exact.loss) < 1e-10                         # the same θ_T
@@ -331,7 +331,7 @@ def test_random_window_ends_at_a_random_step(rel_err):
     ends = set()
     for seed in range(6):
         start, stop = reversible.window_bounds(T, k, "random", np.random.default_rng(seed))
-        mg = reversible.meta_gradient("backgrad", **p, momentum=BETA, truncate=k, window="random",
+        mg = engines.meta_gradient("backgrad", **p, momentum=BETA, truncate=k, window="random",
                                       rng=np.random.default_rng(seed))
         want = reference_momentum_loss(p, p["x_distilled"], p["raw_lrs"], steps=stop)
         assert stop - start == k and k <= stop <= T
@@ -347,7 +347,7 @@ def test_random_window_ends_at_a_random_step(rel_err):
 
 def test_compare_of_a_gradient_with_itself():
     p = make_problem("mlp")
-    mg = reversible.meta_gradient("backgrad", **p)
+    mg = engines.meta_gradient("backgrad", **p)
     out = reversible.compare(mg, mg)
     assert out["cosine_all"] == pytest.approx(1.0, abs=1e-12) and out["rel_err_all"] == 0.0
 
@@ -370,14 +370,14 @@ def test_bad_options_are_one_clear_error(options, words):
     p = make_problem("mlp")
     options = {"engine": "backgrad", "momentum": BETA, **options}
     with pytest.raises(ValueError, match=words):
-        reversible.meta_gradient(options.pop("engine"), **p, **options)
+        engines.meta_gradient(options.pop("engine"), **p, **options)
 
 
 def test_diverging_training_leaves_the_grid_with_a_clear_error():
     p = make_problem("mlp")
     p["raw_lrs"] = p["raw_lrs"] + 1e5           # η̃ ≈ 1e5
     with pytest.raises(ReversalError, match="fixed-point range"):
-        reversible.meta_gradient("reverse", **p, momentum=BETA)
+        engines.meta_gradient("reverse", **p, momentum=BETA)
 
 
 # ---------------------------------------------------------------------------- Algorithm 1
@@ -423,7 +423,7 @@ def test_memory_grows_like_t_sqrt_t_and_not_at_all():
         gc.collect()
         tracemalloc.start()
         try:
-            reversible.meta_gradient(engine, **p, momentum=BETA)
+            engines.meta_gradient(engine, **p, momentum=BETA)
             return tracemalloc.get_traced_memory()[1] / theta_bytes
         finally:
             tracemalloc.stop()

@@ -1,0 +1,33 @@
+"""What the outer loop minimises: one module per method, one line each in :data:`METHODS`.
+
+A new method is a subclass of :class:`ddref.objectives.base.Objective` in a module of its own
+(its paper's equation in the docstring) and one line here, or :func:`register` from outside.
+"""
+
+from __future__ import annotations
+
+from ddref.objectives.base import Objective
+from ddref.objectives.bptt import Algorithm1
+
+METHODS = {
+    "bptt": Algorithm1,          # Wang et al. 2018, Algorithm 1: back-propagation through training
+}
+
+
+def register(name, objective_class):
+    """Add a method (a subclass of :class:`Objective`) under ``name``."""
+    if not (isinstance(objective_class, type) and issubclass(objective_class, Objective)):
+        raise ValueError(f"a method must be a subclass of ddref.objectives.base.Objective; got "
+                         f"{objective_class!r}.")
+    METHODS[name] = objective_class
+
+
+def build(config, dataset, rng, progress=True) -> Objective:
+    """The objective of ``config.method`` for this data set, drawing from ``rng``."""
+    method = getattr(config, "method", "bptt")
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {method!r}.")
+    return METHODS[method](config, dataset, rng, progress)
+
+
+__all__ = ["METHODS", "Objective", "build", "register"]
