@@ -29,6 +29,8 @@ from ddref import data
 
 # help for each DistillConfig field; the option is --field-name, the default the config's
 CONFIG_HELP = {
+    "method": "what to learn the set with: bptt (Algorithm 1 of Wang et al. 2018, back-propagation "
+              "through the inner training)",
     "dataset": "data set to distil (see `ddref datasets`)",
     "model": "network: mlp, lenet or convnet",
     "init": "fixed: one θ0 for the whole run; random: fresh θ0 ~ p(θ0) every iteration; "

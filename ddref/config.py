@@ -29,6 +29,7 @@ class DistillError(RuntimeError):
 class DistillConfig:
     """Every setting of a distillation run.  Defaults: the main job of the README."""
 
+    method: str = "bptt"             # what the outer loop minimises (ddref.objectives.METHODS)
     dataset: str = "digits"
     model: str = "mlp"
     init: str = "fixed"              # 'fixed': one θ0 for the whole run; 'random': θ0 ~ p(θ0) each iteration
@@ -78,7 +79,8 @@ class DistillConfig:
 
     def validate(self):
         """Raise ValueError with one sentence, naming the command-line option, for a setting
-        that cannot work; checked before anything is loaded or computed."""
+        that cannot work; checked before anything is loaded or computed.  (The method and its
+        own options are checked by :func:`ddref.objectives.check`, above this module.)"""
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), f.default)
         checks = [

@@ -34,7 +34,7 @@ class Distiller(OuterLoop):
     ``dataset``, ``labels``, ``theta0``, ``pools`` …) read through."""
 
     def __init__(self, config: DistillConfig, dataset=None, progress=True):
-        config = config.validate()
+        config = objectives.check(config)
         dataset = dataset if dataset is not None else data.load(config.dataset, dtype=config.dtype)
         objective = objectives.build(config, dataset, backend.rng(config.seed), progress)
         super().__init__(objective, config, progress)

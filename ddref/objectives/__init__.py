@@ -22,12 +22,19 @@ def register(name, objective_class):
     METHODS[name] = objective_class
 
 
+def check(config):
+    """``config`` validated, its method known and the method's own options checked
+    (:meth:`Objective.check_config`), before anything is loaded or computed."""
+    config.validate()
+    if config.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {config.method!r}.")
+    METHODS[config.method].check_config(config)
+    return config
+
+
 def build(config, dataset, rng, progress=True) -> Objective:
     """The objective of ``config.method`` for this data set, drawing from ``rng``."""
-    method = getattr(config, "method", "bptt")
-    if method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {method!r}.")
-    return METHODS[method](config, dataset, rng, progress)
+    return METHODS[check(config).method](config, dataset, rng, progress)
 
 
-__all__ = ["METHODS", "Objective", "build", "register"]
+__all__ = ["METHODS", "Objective", "build", "check", "register"]

@@ -30,6 +30,11 @@ class Objective:
     def __init__(self, config, dataset, rng, progress=True):
         self.config, self.dataset, self.rng, self.progress = config, dataset, rng, progress
 
+    @classmethod
+    def check_config(cls, config):
+        """Raise ValueError, one sentence naming the option, for a setting this method cannot
+        use; called before anything is loaded."""
+
     # -- what is learned -------------------------------------------------------------------
 
     def initial(self) -> dict:
