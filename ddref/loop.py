@@ -155,6 +155,8 @@ class OuterLoop:
                                 f"{lr / 4:g} --force` with your other options.")
         diverged_at = self.iteration
         self._restore(recent[0])
+        if checkpoint_path:
+            self._save_uninterrupted(checkpoint_path)
         if self.iteration == diverged_at:       # a resumed run that diverges at once
             return DistillError(f"{error}, right after the state it resumed from; start again "
                                 f"with --force and a smaller --lr (e.g. {self.config.lr / 4:g}) "
@@ -162,7 +164,6 @@ class OuterLoop:
         if not checkpoint_path:
             return DistillError(f"{error}; start again with a smaller outer --lr "
                                 f"(e.g. {self.config.lr / 4:g}) or --distill-lr.")
-        self._save_uninterrupted(checkpoint_path)
         out = Path(checkpoint_path).parent
         return DistillError(
             f"{error}. The state of iteration {self.iteration} ({ROLLBACK} iterations earlier, "

@@ -143,8 +143,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(digits, tmp_path, 
         mg = real(*args, **kwargs)
         return hypergrad.MetaGradient(float("nan"), mg.grad_x, mg.grad_raw_lrs)
 
-    real = hypergrad.mean_meta_gradient
-    monkeypatch.setattr(hypergrad, "mean_meta_gradient", poisoned)
+    real = engines.mean_meta_gradient
+    monkeypatch.setattr(engines, "mean_meta_gradient", poisoned)
     with pytest.raises(DistillError, match="became NaN/inf at iteration 3.*diverged"):
         distiller.run(iterations=4, checkpoint_path=checkpoint)
 
@@ -192,9 +192,9 @@ def test_meta_gradient_is_the_mean_over_n_nets(digits, monkeypatch):
     distiller = Distiller(small_config(init="random", n_nets=3), dataset=digits, progress=False)
     drawn_theta0, drawn_batches = [], []
     sample_theta0, sample_batch = distiller.sample_theta0, distiller.sample_real_batch
-    monkeypatch.setattr(distiller, "sample_theta0",
+    monkeypatch.setattr(distiller.objective, "sample_theta0",
                         lambda: drawn_theta0.append(sample_theta0()) or drawn_theta0[-1])
-    monkeypatch.setattr(distiller, "sample_real_batch",
+    monkeypatch.setattr(distiller.objective, "sample_real_batch",
                         lambda: drawn_batches.append(sample_batch()) or drawn_batches[-1])
     loss, grad_x, grad_raw = distiller.meta_gradient()
     assert len(drawn_theta0) == len(drawn_batches) == 3

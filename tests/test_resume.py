@@ -16,8 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from ddref import data, distill, engines, evaluate, hypergrad
+from ddref import data, engines, evaluate, hypergrad, loop
 from ddref.distill import DistillConfig, Distiller
+from ddref.objectives.bptt import Algorithm1
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +69,11 @@ def assert_same_run(a, b):
 
 POINTS = [
     # (what is patched, on which call the SIGINT comes)
-    ((Distiller, "sample_real_batch"), 5),      # the real batch of iteration 5 has been drawn
-    ((hypergrad, "mean_meta_gradient"), 3),     # after the meta-gradient of iteration 3
+    ((Algorithm1, "sample_real_batch"), 5),      # the real batch of iteration 5 has been drawn
+    ((engines, "mean_meta_gradient"), 3),     # after the meta-gradient of iteration 3
     ((evaluate.Adam, "step"), 4),               # Adam has updated its moments and the images
     ((Distiller, "record_accuracy"), 2),        # while evaluating the curve point at 2
-    ((distill, "atomic_savez"), 1),             # while writing the periodic checkpoint
+    ((loop, "atomic_savez"), 1),             # while writing the periodic checkpoint
 ]
 
 
@@ -102,11 +103,11 @@ def test_divergence_keeps_the_last_good_state_whatever_the_interval(digits, tmp_
     distiller.run(iterations=3, checkpoint_path=checkpoint)
     good_x = distiller.x.copy()
 
-    real = hypergrad.mean_meta_gradient
-    monkeypatch.setattr(hypergrad, "mean_meta_gradient", lambda *a, **k: hypergrad.MetaGradient(
+    real = engines.mean_meta_gradient
+    monkeypatch.setattr(engines, "mean_meta_gradient", lambda *a, **k: hypergrad.MetaGradient(
         float("nan"), real(*a, **k).grad_x, real(*a, **k).grad_raw_lrs))
-    with pytest.raises(Exception, match=r"iteration 4.*last good state \(iteration 3\) is saved in "
-                                        r".*--resume --out .* --lr"):
+    with pytest.raises(Exception, match=r"iteration 4.*right after the state it resumed from; "
+                                        r"start again with --force and a smaller --lr"):
         distiller.run(iterations=6, checkpoint_path=checkpoint)
     kept = Distiller.from_checkpoint(checkpoint, dataset=digits, progress=False)
     assert kept.iteration == 3
