@@ -28,6 +28,21 @@ def test_kernel_at_sixty_degrees_by_hand():
     np.testing.assert_allclose(np.diag(ntk), 0.5 + 0.5, rtol=1e-14)      # K² + Θ¹ · ½
 
 
+def test_diagonal_by_hand_through_three_layers(rng):
+    """On the diagonal θ = 0: K^{l+1} = σ_w² K^l / 2 + σ_b², Θ^{l+1} = K^{l+1} + σ_w² Θ^l / 2."""
+    x = rng.normal(size=(4, 6))
+    sw2, sb2 = 1.7, 0.3
+    k = sw2 * np.sum(x * x, axis=1) / 6 + sb2
+    theta = k
+    for _ in range(3):
+        k = sw2 * k / 2 + sb2
+        theta = k + sw2 * theta / 2
+    for x2 in (None, x):
+        nngp, ntk = kip.nngp_and_ntk(x, x2, depth=3, sigma_w2=sw2, sigma_b2=sb2)
+        np.testing.assert_allclose(np.diag(nngp), k, rtol=1e-7)
+        np.testing.assert_allclose(np.diag(ntk), theta, rtol=1e-7)
+
+
 def test_gram_matrix_is_symmetric_positive_and_equals_the_cross_kernel(rng):
     x = rng.normal(size=(6, 1, 3, 3))
     for kind in kip.KERNELS:
