@@ -276,6 +276,14 @@ def test_one_hot_soft_labels_are_the_hard_labels_and_other_soft_labels_differ(rn
     assert not np.allclose(hard.networks[0]["w0"], other.networks[0]["w0"])
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_float32_recipe_trains_float32_networks(rng, stacked):
+    model = nn.build_model("mlp", SHAPE, CLASSES, hidden=(6,))
+    result = protocol.evaluate(model, make_dataset(rng), *blobs(rng, 9), tiny_recipe(dtype="float32"),
+                               stacked=stacked)
+    assert all(v.dtype == np.float32 for net in result.networks for v in net.values())
+
+
 def test_lenet_uses_the_fast_gradient():
     model = nn.build_model("lenet", (1, 28, 28), 10)
     assert fused.gradient_for(model.apply, losses.cross_entropy) is not None
