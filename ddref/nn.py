@@ -359,6 +359,119 @@ def convnet(input_shape=(3, 32, 32), num_classes=10):
     return _model("convnet", input_shape, num_classes, shapes, apply, layers)
 
 
+# ---------------------------------------------------------------------------- convnet3 (Zhao et al.)
+# The ConvNet of Dataset Condensation (Zhao, Mopuri & Bilen 2021) and of DSA, DM and KIP's
+# convolutional rows: its two new primitives are plain compositions of autograd.numpy
+# operations, so autograd differentiates them to any order like everything above.
+
+INSTANCE_NORM_EPS = 1e-5        # PyTorch's GroupNorm default
+
+
+def instance_standardise_nhwc(x, eps=INSTANCE_NORM_EPS):
+    """x̂ = (x − μ) / √(σ² + ε) on NHWC input, with μ and σ² the mean and the biased variance
+    of each image's channel over its H×W positions (one pair per image and channel)."""
+    count = x.shape[1] * x.shape[2]       # sum / count, not mean: keeps float32 float32 (losses.py)
+    mean = anp.sum(x, axis=(1, 2), keepdims=True) / count
+    centred = x - mean
+    variance = anp.sum(centred * centred, axis=(1, 2), keepdims=True) / count
+    return centred / anp.sqrt(variance + eps)
+
+
+def instance_norm_nhwc(x, gamma, beta, eps=INSTANCE_NORM_EPS):
+    """Instance normalisation y = γ_c x̂ + β_c with x̂ from :func:`instance_standardise_nhwc`
+    and a learnable scale γ and shift β per channel: PyTorch's ``GroupNorm(C, C, affine=True)``,
+    which is what DC's ``net_norm='instancenorm'`` builds.  Each image is normalised on its
+    own, so training and testing compute the same function (no running statistics)."""
+    return instance_standardise_nhwc(x, eps) * gamma + beta
+
+
+def avg_pool2x2_nhwc(x):
+    """2×2 average pooling with stride 2 on NHWC input: the mean of each window (odd trailing
+    rows/columns are dropped, as PyTorch's ``AvgPool2d(2, 2)`` drops them).  Linear in x."""
+    n, h, w, c = x.shape
+    if h % 2 or w % 2:
+        x = x[:, : h // 2 * 2, : w // 2 * 2, :]
+    windows = anp.reshape(x, (n, h // 2, 2, w // 2, 2, c))
+    return anp.sum(windows, axis=(2, 4)) * 0.25
+
+
+def convnet3_first_pad(channels):
+    """The first convolution's padding: 3 for one-channel images (28×28 → 32×32, as DC's code
+    pads MNIST-like images), else 1."""
+    return 3 if channels == 1 else 1
+
+
+def convnet3_feature_sizes(input_shape):
+    """The (H, W) of the maps after each of convnet3's three blocks: the 3×3 convolution keeps
+    the size (padding 1; the first block's padding from :func:`convnet3_first_pad` adds 4 to
+    each side length for one-channel images), the pooling halves it, rounding down.
+    A ShapeError when a map vanishes."""
+    c, h, w = input_shape
+    pad = convnet3_first_pad(c)
+    h, w = h + 2 * pad - 2, w + 2 * pad - 2
+    sizes = []
+    for block in (1, 2, 3):
+        h, w = h // 2, w // 2
+        if h < 1 or w < 1:
+            smallest = 4 if pad == 3 else 8
+            raise ShapeError(
+                f"convnet3 halves the maps three times, so {input_shape[1]}×{input_shape[2]} images "
+                f"leave no features after block {block}; it needs images of at least "
+                f"{smallest}×{smallest} pixels ({c} channel{'s' if c > 1 else ''}): use the mlp "
+                f"model for this data set.")
+        sizes.append((h, w))
+    return sizes
+
+
+def convnet3(input_shape=(3, 32, 32), num_classes=10, width=128):
+    """ConvNet-3, the field's standard network (Zhao et al. 2021, DC's ``ConvNet`` with its
+    defaults: depth 3, width 128, ReLU, instance norm, average pooling):
+
+        [conv 3×3 (``width`` channels) → instance norm (γ, β) → relu → 2×2 average pool] × 3
+        → flatten → linear classifier.
+
+    Padding is 1, except the first convolution on one-channel images pads 3, as DC's code
+    does: 28×28 MNIST / Fashion-MNIST images become 32×32 maps (32 → 16 → 8 → 4) and the
+    classifier sees 4·4·width features, as on 32×32 colour images.  8×8 digits give
+    12 → 6 → 3 → 1 (1·1·width features).
+
+    Initialisation: the convolution and classifier weights by the chosen scheme (xavier by
+    default, like the other models; DC uses PyTorch's defaults), biases zero, γ = 1, β = 0.
+    The convolution biases are kept as DC keeps them, though instance norm cancels them (their
+    gradient is exactly zero).  The classifier reads the features in NHWC order (DC: NCHW),
+    a fixed permutation of its weights.
+    """
+    if not (isinstance(width, int) and width >= 1):
+        raise ValueError(f"convnet3's width must be a positive whole number of channels, got {width!r}.")
+    c = input_shape[0]
+    pad1 = convnet3_first_pad(c)
+    fh, fw = convnet3_feature_sizes(input_shape)[-1]
+    shapes = {}
+    for i, channels_in in enumerate((c, width, width), start=1):
+        shapes[f"c{i}w"], shapes[f"c{i}b"] = (width, channels_in, 3, 3), (width,)
+        shapes[f"n{i}g"], shapes[f"n{i}b"] = (width,), (width,)
+    shapes["fw"], shapes["fb"] = (fh * fw * width, num_classes), (num_classes,)
+
+    def apply(params, x):
+        h = to_nhwc(x)
+        for i, pad in ((1, pad1), (2, 1), (3, 1)):
+            h = conv2d_nhwc(h, params[f"c{i}w"], params[f"c{i}b"], pad=pad)
+            h = avg_pool2x2_nhwc(relu(instance_norm_nhwc(h, params[f"n{i}g"], params[f"n{i}b"])))
+        return dense(flatten(h), params["fw"], params["fb"])
+
+    apply.__doc__ = convnet3.__doc__
+    plain = _model("convnet3", input_shape, num_classes, shapes, apply)
+
+    def init(rng, dtype="float64", scheme="xavier", scale=1.0):
+        params = _init_params(rng, shapes, scheme, scale, dtype)
+        for i in (1, 2, 3):
+            params[f"n{i}g"] = backend.ones((width,), dtype=dtype)      # γ = 1, β = 0
+        return params
+
+    init.shapes = shapes
+    return Model(plain.name, plain.input_shape, plain.num_classes, init, plain.apply)
+
+
 def linear(input_shape, num_classes=1):
     """Linear regression without bias, outputs = flatten(x) · w with w (D, K): the model of the
     paper's §3.4 (pair it with ``losses.squared_error``)."""
@@ -370,7 +483,7 @@ def linear(input_shape, num_classes=1):
     return _model("linear", input_shape, num_classes, shapes, apply)
 
 
-MODELS = {"mlp": mlp, "lenet": lenet, "convnet": convnet, "linear": linear}
+MODELS = {"mlp": mlp, "lenet": lenet, "convnet": convnet, "linear": linear, "convnet3": convnet3}
 
 
 def build_model(name, input_shape, num_classes=10, **options):
