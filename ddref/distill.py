@@ -45,10 +45,14 @@ class Distiller(OuterLoop):
         return getattr(self.objective, name)
 
     # the learned arrays by name, and what Algorithm 1 computes from them
-    x = property(lambda self: self.learned["x"])
-    raw_lrs = property(lambda self: self.learned["raw_lrs"])
-    label_logits = property(lambda self: self.learned.get("label_logits"))
+    x = property(lambda self: self.learned["x"], lambda self, v: self._set("x", v))
+    raw_lrs = property(lambda self: self.learned["raw_lrs"], lambda self, v: self._set("raw_lrs", v))
+    label_logits = property(lambda self: self.learned.get("label_logits"),
+                            lambda self, v: self._set("label_logits", v))
     adam = property(lambda self: self.optimiser)
+
+    def _set(self, name, value):
+        self.learned = {**self.learned, name: value}
 
     def lrs(self):
         return self.objective.lrs(self.learned)
@@ -64,9 +68,13 @@ class Distiller(OuterLoop):
         loss, grads = self.meta_gradients()
         return loss, grads["x"], grads["raw_lrs"]
 
+    def meta_gradients_in_order(self):
+        """:meth:`meta_gradients` with the steps in the configured order."""
+        return self.objective.loss_and_grads(self.learned)
+
     def meta_gradient_in_order(self):
         """:meth:`meta_gradient` with the steps in the configured order."""
-        loss, grads = self.objective.loss_and_grads(self.learned)
+        loss, grads = self.meta_gradients_in_order()
         return loss, grads["x"], grads["raw_lrs"]
 
     @classmethod

@@ -121,7 +121,9 @@ class OuterLoop:
         bar = tqdm(total=total, initial=self.iteration, desc="distill", unit="it",
                    disable=not self.progress, dynamic_ncols=True)
         recent = collections.deque([self._snapshot()], maxlen=ROLLBACK + 1)
+        quiet = np.errstate(over="ignore", invalid="ignore")   # divergence is checked, and named
         try:
+            quiet.__enter__()
             if self.iteration == 0 and not self.history.eval_iterations:
                 self.record_accuracy()  # the starting point of the accuracy curve
             while self.iteration < total:
@@ -139,6 +141,7 @@ class OuterLoop:
         except Diverged as error:
             raise self._diverged(error, recent, checkpoint_path) from None
         finally:
+            quiet.__exit__(None, None, None)
             bar.close()
         if checkpoint_path:
             self.save_checkpoint(checkpoint_path)

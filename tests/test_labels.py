@@ -345,7 +345,7 @@ def test_a_checkpoint_without_label_logits_is_refused(digits, tmp_path):
     arrays = dict(np.load(checkpoint))
     del arrays["label_logits"]
     np.savez(checkpoint, **arrays)
-    with pytest.raises(Exception, match="--learn-labels but no label logits"):
+    with pytest.raises(Exception, match="lacks label_logits"):
         Distiller.from_checkpoint(checkpoint, dataset=digits, progress=False)
 
 
