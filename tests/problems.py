@@ -11,7 +11,7 @@ MODELS = {"mlp": (1, 8, 8), "lenet": (1, 28, 28)}
 
 def make_problem(name, seed=0, dtype="float64", steps=STEPS, epochs=EPOCHS):
     """Model ``name`` with θ0, distilled images, raw rates and a real batch, as keyword
-    arguments of ``hypergrad.meta_gradient``."""
+    arguments of ``engines.meta_gradient``."""
     shape = MODELS[name]
     rng = np.random.default_rng(seed)
     model = nn.build_model(name, shape, 10)
