@@ -26,6 +26,7 @@ import pytest
 import scipy.io
 
 from ddref import data
+from ddref.data import cache, fetch, verify  # where the patched calls live
 from ddref.data import DataError
 
 DOWNLOAD_BACKED = ["mnist", "usps", "svhn", "cifar10"]
@@ -657,13 +658,13 @@ def test_a_folder_that_cannot_be_created_or_written_is_named(published_mnist, mo
         raise PermissionError(13, "Permission denied")
 
     with monkeypatch.context() as patch:
-        patch.setattr(data.pathlib.Path, "mkdir", refuse)
+        patch.setattr(cache.pathlib.Path, "mkdir", refuse)
         with pytest.raises(DataError, match=r"cannot create the folder .*Permission denied.*"
                                             r"\$DDREF_DATA at a folder you can write to") as raised:
             data.download("mnist", published_mnist.root)
         assert one_sentence(str(raised.value))
     with monkeypatch.context() as patch:
-        patch.setattr(data.tempfile, "mkstemp", refuse)
+        patch.setattr(fetch.tempfile, "mkstemp", refuse)
         with pytest.raises(DataError, match=r"cannot write in .*Permission denied") as raised:
             data.download("mnist", published_mnist.root)
         assert one_sentence(str(raised.value))
@@ -688,7 +689,7 @@ def test_a_full_disk_is_named_and_leaves_nothing_behind(published_mnist, monkeyp
             self.file.close()
             super().close()
 
-    monkeypatch.setattr(data.os, "fdopen", lambda descriptor, mode: FullDisk(descriptor))
+    monkeypatch.setattr(fetch.os, "fdopen", lambda descriptor, mode: FullDisk(descriptor))
     with pytest.raises(DataError, match="No space left on device.*free some disk space") as raised:
         data.download("mnist", published_mnist.root)
     assert one_sentence(str(raised.value))
@@ -712,14 +713,14 @@ def test_a_folder_in_place_of_a_file_is_named(published_mnist, monkeypatch):
 def test_an_unreadable_file_is_named(published_mnist, monkeypatch):
     published_mnist.place_in_cache()
     victim = published_mnist.directory / "train-labels-idx1-ubyte.gz"
-    real_read_bytes = data.pathlib.Path.read_bytes
+    real_read_bytes = verify.pathlib.Path.read_bytes
 
     def read_bytes(path):
         if path == victim:
             raise PermissionError(13, "Permission denied")
         return real_read_bytes(path)
 
-    monkeypatch.setattr(data.pathlib.Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(verify.pathlib.Path, "read_bytes", read_bytes)
     with pytest.raises(DataError, match=r"cannot read .*Permission denied.*make it readable") as raised:
         data.load("mnist", published_mnist.root)
     assert one_sentence(str(raised.value)) and str(victim) in str(raised.value)
@@ -783,14 +784,14 @@ def test_the_command_line_names_a_data_folder_that_is_a_file(tmp_path, command):
 
 def test_a_folder_that_cannot_be_looked_into_is_named(published_mnist, monkeypatch):
     published_mnist.place_in_cache()
-    real_stat = data.pathlib.Path.stat
+    real_stat = cache.pathlib.Path.stat
 
     def stat(path, **kwargs):
         if published_mnist.directory in (path, *path.parents):   # the folder and all below it
             raise PermissionError(13, "Permission denied")
         return real_stat(path, **kwargs)
 
-    monkeypatch.setattr(data.pathlib.Path, "stat", stat)
+    monkeypatch.setattr(cache.pathlib.Path, "stat", stat)
     for call in (lambda: data.load("mnist", published_mnist.root),
                  lambda: data.download("mnist", published_mnist.root)):
         with pytest.raises(DataError, match=r"cannot look at .*Permission denied") as raised:
