@@ -39,9 +39,12 @@ from ddref.data.dataset import DataError, Dataset, check_finite, denormalise  # 
 from ddref.data.cache import cache_dir  # noqa: F401
 from ddref.data.verify import REMOTE_FILES, RemoteFile  # noqa: F401
 from ddref.data.cifar import _unpickle_cifar10  # noqa: F401
-from ddref.data.catalogue import _entry, available, download, list_datasets, load  # noqa: F401
+from ddref.data.catalogue import (  # noqa: F401
+    _entry, available, download, list_datasets, load, location,
+)
+from ddref.data.formats import FASHION_MNIST_CLASSES  # noqa: F401
 
 __all__ = [
     "DataError", "Dataset", "REMOTE_FILES", "RemoteFile", "available", "cache_dir",
-    "check_finite", "denormalise", "download", "list_datasets", "load",
+    "check_finite", "denormalise", "download", "list_datasets", "load", "location",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pathlib
 import stat
+from dataclasses import dataclass
 
 from ddref.data.dataset import DataError
 
@@ -26,6 +27,56 @@ def cache_dir(root=None) -> pathlib.Path:
 
 def _dataset_dir(name: str, root=None) -> pathlib.Path:
     return cache_dir(root) / name
+
+# ---------------------------------------------------------------------------------------
+# Folders a distribution's package fills, searched after the cache
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SystemFolder:
+    """A read-only folder where a package of the operating system installs a data set."""
+
+    path: pathlib.Path
+    package: str  # e.g. the Debian package that installs it
+
+
+SYSTEM_FOLDERS = {
+    "fashion-mnist": (
+        SystemFolder(pathlib.Path("/usr/share/datasets/fashion-mnist"), "dataset-fashion-mnist"),
+    ),
+}
+
+
+def _locate(name: str, filenames, root=None):
+    """The folder to read the files of ``name`` from, and its :class:`SystemFolder` (or None).
+
+    The cache folder ``cache_dir(root)/<name>`` wins if it holds every file; else the first
+    package folder that does; else the cache folder again, so that the missing files are
+    named there.  A cache folder that cannot be used is an error even then.
+    """
+    directory = _dataset_dir(name, root)
+    _check_folder_usable(directory)
+    for filename in filenames:
+        _check_not_a_folder(name, directory / filename)
+    if not _holds_all(directory, filenames):
+        for folder in SYSTEM_FOLDERS.get(name, ()):
+            if _holds_all(folder.path, filenames):
+                return folder.path, folder
+    return directory, None
+
+
+def _holds_all(directory: pathlib.Path, filenames) -> bool:
+    try:
+        return all(_kind(directory / filename) == "file" for filename in filenames)
+    except DataError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# Checks that name the fix
+# ---------------------------------------------------------------------------------------
+
 
 def _kind(path: pathlib.Path) -> str:
     """'file', 'folder', 'missing' or 'other' — or a DataError if ``path`` cannot be looked at."""

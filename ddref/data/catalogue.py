@@ -7,14 +7,14 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
-from ddref.data.cache import _dataset_dir
+from ddref.data.cache import _locate
 from ddref.data.cifar import _read_cifar10
 from ddref.data.dataset import Dataset, DataError, _assemble, _float_dtype
 from ddref.data.fetch import _download_missing
 from ddref.data.formats import (
-    _read_digits, _read_mnist, _read_mnist5k, _read_svhn, _read_usps,
+    _read_digits, _read_fashion_mnist, _read_mnist, _read_mnist5k, _read_svhn, _read_usps,
 )
-from ddref.data.verify import _SVHN_URL, _USPS_URL, REMOTE_FILES, _has_checksum, _verified_files
+from ddref.data.verify import _SVHN_URL, _USPS_URL, REMOTE_FILES, _is_verified, _verified_files
 
 # ---------------------------------------------------------------------------------------
 # The catalogue
@@ -49,6 +49,12 @@ _CATALOGUE = {
         "`ddref download mnist` fetches four IDX files (about 12 MB)",
         _read_mnist,
     ),
+    "fashion-mnist": _Entry(
+        (1, 28, 28), 10, 60000, 10000, "https://github.com/zalandoresearch/fashion-mnist",
+        "offline: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu); "
+        "else `ddref download fashion-mnist` fetches four IDX files (about 30 MB)",
+        _read_fashion_mnist,
+    ),
     "usps": _Entry(
         (1, 16, 16), 10, 7291, 2007, _USPS_URL,
         "`ddref download usps` fetches usps.bz2 and usps.t.bz2 (LIBSVM format)",
@@ -73,38 +79,57 @@ def _entry(name: str) -> _Entry:
     return _CATALOGUE[name]
 
 
+def location(name: str, root=None) -> str | None:
+    """Where ``load(name, root)`` finds the data set now, in words, or None if it cannot
+    without a network connection.  For a download-backed set this checks its files as
+    every load does: ``"cache <folder>"`` or ``"package folder <folder> (<package>)"``."""
+    entry = _entry(name)
+    if entry.package is not None:
+        found = importlib.util.find_spec(entry.package) is not None
+        return f"Python package {entry.package}" if found else None
+    remote_files = REMOTE_FILES[name]
+    try:
+        directory, package = _locate(name, [f.filename for f in remote_files], root)
+    except DataError:
+        return None
+    if not all(_is_verified(f, directory / f.filename) for f in remote_files):
+        return None
+    return f"cache {directory}" if package is None else (
+        f"package folder {directory} ({package.package})")
+
+
 def available(name: str, root=None) -> bool:
     """Whether ``load(name, root)`` works now without a network connection (for a
     download-backed set this hashes its files, as every load does)."""
-    entry = _entry(name)
-    if entry.package is not None:
-        return importlib.util.find_spec(entry.package) is not None
-    directory = _dataset_dir(name, root)
-    return all(_has_checksum(directory / f.filename, f.md5) for f in REMOTE_FILES[name])
+    return location(name, root) is not None
 
 
 def list_datasets(root=None) -> list:
-    """One row per data set: its shape, size, source, whether it is available, and how to get it."""
-    return [
-        {
+    """One row per data set: its shape, size, source, whether it is available and where it
+    was found (:func:`location`), and how to get it."""
+    rows = []
+    for name, entry in _CATALOGUE.items():
+        where = location(name, root)
+        rows.append({
             "name": name,
             "image_shape": entry.image_shape,
             "num_classes": entry.num_classes,
             "n_train": entry.n_train,
             "n_test": entry.n_test,
             "source": entry.source,
-            "available": available(name, root),
+            "available": where is not None,
+            "location": where,
             "how": entry.how,
-        }
-        for name, entry in _CATALOGUE.items()
-    ]
+        })
+    return rows
 
 
 def download(name: str, root=None) -> list:
     """Fetch the files of a download-backed data set and return their paths.
 
-    Files already present with the right checksum are kept; the others are downloaded
-    into ``cache_dir(root)/<name>/``.  Each download is written to a temporary file in
+    Files already present with the right checksum are kept (and a package's folder that
+    holds them all is used as it is); the others are downloaded into
+    ``cache_dir(root)/<name>/``.  Each download is written to a temporary file in
     that folder, checked against its published MD5 checksum and only then renamed into
     place, so an interrupted or wrong download never leaves a file that looks usable.
     Package-backed data sets have nothing to fetch: the list is empty.
@@ -116,8 +141,10 @@ def download(name: str, root=None) -> list:
 def load(name: str, root=None, dtype="float32", download: bool = False) -> Dataset:
     """Load the data set ``name`` as normalised ``dtype`` images in NCHW layout.
 
-    Download-backed sets read their files from ``cache_dir(root)/<name>/`` and check the
-    bytes they read against the published checksums, on every load, before parsing them;
+    Download-backed sets read their files from ``cache_dir(root)/<name>/`` (or, where that
+    lacks some, from a package's folder that holds them all, e.g. Debian's
+    ``/usr/share/datasets/fashion-mnist/``) and check the bytes they read against the
+    published checksums, on every load, before parsing them;
     ``download=True`` fetches missing or wrong files first.  Without it a missing file is
     an error that says how to obtain it.
     """

@@ -10,11 +10,9 @@ import tempfile
 import urllib.error
 import urllib.request
 
-from ddref.data.cache import (
-    _WRITABLE_FOLDER, _check_folder_usable, _check_not_a_folder, _dataset_dir, _make_folder,
-)
+from ddref.data.cache import _WRITABLE_FOLDER, _dataset_dir, _locate, _make_folder
 from ddref.data.dataset import DataError
-from ddref.data.verify import REMOTE_FILES, RemoteFile, _has_checksum
+from ddref.data.verify import REMOTE_FILES, RemoteFile, _is_verified
 
 # ---------------------------------------------------------------------------------------
 # Downloading: stream to a temporary file beside the target, check, then rename
@@ -27,16 +25,22 @@ _DOWNLOAD_TIMEOUT_S = 60
 
 
 def _download_missing(name: str, root=None) -> list:
-    """Download the files of ``name`` that are absent or wrong; return all their paths."""
-    directory = _dataset_dir(name, root)
+    """Download the files of ``name`` that are absent or wrong; return all their paths.
+
+    Where the cache lacks some and a package's folder holds them all, verified, those are
+    used as they are and nothing is fetched.
+    """
     remote_files = REMOTE_FILES.get(name, ())
-    if remote_files:
-        _check_folder_usable(directory)
+    if not remote_files:
+        return []
+    directory, package = _locate(name, [f.filename for f in remote_files], root)
+    if package is not None and all(_is_verified(f, directory / f.filename) for f in remote_files):
+        return [directory / f.filename for f in remote_files]
+    directory = _dataset_dir(name, root)
     paths = []
     for remote in remote_files:
         path = directory / remote.filename
-        _check_not_a_folder(name, path)
-        if not _has_checksum(path, remote.md5):
+        if not _is_verified(remote, path):
             _make_folder(directory)
             _fetch(name, remote, path)
         paths.append(path)

