@@ -205,7 +205,8 @@ def build_parser():
     p.add_argument("--seed", type=_whole_number(0), default=0, help="random seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    sub.add_parser("datasets", parents=[common], help="list the data sets and whether each is available now")
+    sub.add_parser("datasets", parents=[common],
+                   help="list the data sets, whether each is available now and where it was found")
 
     p = sub.add_parser("table", parents=[common],
                        help="the results grid: distilled vs baselines, one run folder per cell")
@@ -233,7 +234,7 @@ def build_parser():
 
     p = sub.add_parser("download", parents=[common],
                        help="download a data set's files into the cache and verify them")
-    p.add_argument("name", help="mnist, usps, svhn or cifar10")
+    p.add_argument("name", help="mnist, fashion-mnist, usps, svhn or cifar10")
     return parser
 
 
@@ -519,11 +520,12 @@ def cmd_train(args):
 
 def cmd_datasets(args):
     rows = data.list_datasets()
-    print(f"{'name':10s} {'image':>10s} {'classes':>7s} {'train':>7s} {'test':>7s}  available  how")
+    print(f"{'name':13s} {'image':>8s} {'classes':>7s} {'train':>6s} {'test':>6s}  available")
     for row in rows:
         shape = "×".join(str(s) for s in row["image_shape"])
-        print(f"{row['name']:10s} {shape:>10s} {row['num_classes']:>7d} {row['n_train']:>7d} "
-              f"{row['n_test']:>7d}  {'yes' if row['available'] else 'no':9s}  {row['how']}")
+        where = f"yes, in the {row['location']}" if row["available"] else f"no: {row['how']}"
+        print(f"{row['name']:13s} {shape:>8s} {row['num_classes']:>7d} {row['n_train']:>6d} "
+              f"{row['n_test']:>6d}  {where}")
     cache = data.cache_dir()
     problem = " — it is a file, not a folder: downloads cannot go there" if cache.is_file() else ""
     print(f"cache directory: {cache}{problem} (set DDREF_DATA to move it)")
@@ -560,8 +562,10 @@ def cmd_pretrain(args):
 
 def cmd_download(args):
     paths = data.download(args.name)
+    cache = data.cache_dir()
     for path in paths:
-        print(f"verified {path}")
+        print(f"verified {path}" + ("" if cache in path.parents else " (a package's folder: "
+                                                                       "nothing to download)"))
     if not paths:
         print(f"{args.name} needs no download")
     return 0

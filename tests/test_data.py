@@ -1,9 +1,10 @@
 """Tests for ddref.data: the embedded sets, the file readers, checksums and downloads.
 
-The download-backed sets (mnist, usps, svhn, cifar10) are tested on small files that
+The download-backed sets (mnist, fashion-mnist, usps, svhn, cifar10) are tested on small files that
 the tests write in the real published formats; their checksums are computed from those
 files and swapped into ``data.REMOTE_FILES``, and ``urllib.request.urlopen`` is replaced
-by a server that answers from memory.  No test touches the network.
+by a server that answers from memory.  No test touches the network, and none sees the
+package folders of the machine (tests/test_data_fashion.py has the one that does).
 """
 
 import bz2
@@ -26,9 +27,17 @@ import pytest
 import scipy.io
 
 from ddref import data
+from ddref.data import cache, fetch, verify  # where the patched calls live
 from ddref.data import DataError
 
-DOWNLOAD_BACKED = ["mnist", "usps", "svhn", "cifar10"]
+DOWNLOAD_BACKED = ["mnist", "fashion-mnist", "usps", "svhn", "cifar10"]
+
+
+@pytest.fixture(autouse=True)
+def no_package_folders(monkeypatch):
+    """Hide /usr/share/datasets/… so that every test sees only the files it writes."""
+    for name in list(cache.SYSTEM_FOLDERS):
+        monkeypatch.setitem(cache.SYSTEM_FOLDERS, name, ())
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,16 +133,17 @@ def test_unknown_name_lists_the_known_names():
         assert name in str(raised.value)
 
 
-def test_list_datasets_has_all_six(tmp_path):
+def test_list_datasets_has_all_seven(tmp_path):
     rows = {row["name"]: row for row in data.list_datasets(tmp_path)}
     assert set(rows) == {"digits", "mnist5k", *DOWNLOAD_BACKED}
     assert rows["digits"]["available"] is True
+    assert rows["digits"]["location"] == "Python package sklearn"
     assert rows["mnist"]["available"] is False  # nothing downloaded into tmp_path
+    assert rows["mnist"]["location"] is None
     assert rows["cifar10"]["image_shape"] == (3, 32, 32)
     for row in rows.values():
-        assert set(row) == {
-            "name", "image_shape", "num_classes", "n_train", "n_test", "source", "available", "how"
-        }
+        assert set(row) == {"name", "image_shape", "num_classes", "n_train", "n_test", "source",
+                            "available", "location", "how"}
 
 
 def test_cache_dir_prefers_argument_then_environment(tmp_path, monkeypatch):
@@ -183,7 +193,7 @@ def write_idx(path, array):
         stream.write(header + array.astype(np.uint8).tobytes())
 
 
-def write_mnist(directory, rng):
+def write_mnist(directory, rng, classes=tuple("0123456789")):
     splits = {}
     for prefix, n in (("train", 20), ("t10k", 10)):
         images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
@@ -191,7 +201,7 @@ def write_mnist(directory, rng):
         write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
         splits[prefix] = (images[:, None] / 255, labels)
-    return Expected(*splits["train"], *splits["t10k"], tuple("0123456789"))
+    return Expected(*splits["train"], *splits["t10k"], classes)
 
 
 def write_libsvm_usps(path, values, labels):
@@ -263,7 +273,12 @@ def write_cifar10(directory, rng):
     )
 
 
-WRITERS = {"mnist": write_mnist, "usps": write_usps, "svhn": write_svhn, "cifar10": write_cifar10}
+def write_fashion_mnist(directory, rng):
+    """Fashion-MNIST is MNIST's format with other images and class names."""
+    return write_mnist(directory, rng, classes=data.FASHION_MNIST_CLASSES)
+
+
+WRITERS = {"mnist": write_mnist, "fashion-mnist": write_fashion_mnist, "usps": write_usps, "svhn": write_svhn, "cifar10": write_cifar10}
 
 
 @dataclass
@@ -466,11 +481,13 @@ def test_download_replaces_a_corrupt_file_and_keeps_good_ones(published_mnist, m
 
 def test_real_checksums_are_the_published_ones():
     """Guard against an accidental edit of the table copied from torchvision."""
-    md5 = {r.filename: r.md5 for files in data.REMOTE_FILES.values() for r in files}
-    assert md5["train-images-idx3-ubyte.gz"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
-    assert md5["usps.bz2"] == "ec16c51db3855ca6c91edd34d0e9b197"
-    assert md5["train_32x32.mat"] == "e26dedcc434d2e4c54c9b2d4a06d8373"
-    assert md5["cifar-10-python.tar.gz"] == "c58f30108f718f92721af3b95e74349a"
+    md5 = {(name, r.filename): r.md5 for name, files in data.REMOTE_FILES.items() for r in files}
+    assert md5["mnist", "train-images-idx3-ubyte.gz"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
+    assert md5["fashion-mnist", "train-images-idx3-ubyte.gz"] == "8d4fb7e6c68d591d4c3dfef9ec88bf0d"
+    assert md5["fashion-mnist", "t10k-labels-idx1-ubyte.gz"] == "bb300cfdad3c16e7a12a480ee83cd310"
+    assert md5["usps", "usps.bz2"] == "ec16c51db3855ca6c91edd34d0e9b197"
+    assert md5["svhn", "train_32x32.mat"] == "e26dedcc434d2e4c54c9b2d4a06d8373"
+    assert md5["cifar10", "cifar-10-python.tar.gz"] == "c58f30108f718f92721af3b95e74349a"
 
 
 def one_sentence(message):
@@ -657,13 +674,13 @@ def test_a_folder_that_cannot_be_created_or_written_is_named(published_mnist, mo
         raise PermissionError(13, "Permission denied")
 
     with monkeypatch.context() as patch:
-        patch.setattr(data.pathlib.Path, "mkdir", refuse)
+        patch.setattr(cache.pathlib.Path, "mkdir", refuse)
         with pytest.raises(DataError, match=r"cannot create the folder .*Permission denied.*"
                                             r"\$DDREF_DATA at a folder you can write to") as raised:
             data.download("mnist", published_mnist.root)
         assert one_sentence(str(raised.value))
     with monkeypatch.context() as patch:
-        patch.setattr(data.tempfile, "mkstemp", refuse)
+        patch.setattr(fetch.tempfile, "mkstemp", refuse)
         with pytest.raises(DataError, match=r"cannot write in .*Permission denied") as raised:
             data.download("mnist", published_mnist.root)
         assert one_sentence(str(raised.value))
@@ -688,7 +705,7 @@ def test_a_full_disk_is_named_and_leaves_nothing_behind(published_mnist, monkeyp
             self.file.close()
             super().close()
 
-    monkeypatch.setattr(data.os, "fdopen", lambda descriptor, mode: FullDisk(descriptor))
+    monkeypatch.setattr(fetch.os, "fdopen", lambda descriptor, mode: FullDisk(descriptor))
     with pytest.raises(DataError, match="No space left on device.*free some disk space") as raised:
         data.download("mnist", published_mnist.root)
     assert one_sentence(str(raised.value))
@@ -712,14 +729,14 @@ def test_a_folder_in_place_of_a_file_is_named(published_mnist, monkeypatch):
 def test_an_unreadable_file_is_named(published_mnist, monkeypatch):
     published_mnist.place_in_cache()
     victim = published_mnist.directory / "train-labels-idx1-ubyte.gz"
-    real_read_bytes = data.pathlib.Path.read_bytes
+    real_read_bytes = verify.pathlib.Path.read_bytes
 
     def read_bytes(path):
         if path == victim:
             raise PermissionError(13, "Permission denied")
         return real_read_bytes(path)
 
-    monkeypatch.setattr(data.pathlib.Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(verify.pathlib.Path, "read_bytes", read_bytes)
     with pytest.raises(DataError, match=r"cannot read .*Permission denied.*make it readable") as raised:
         data.load("mnist", published_mnist.root)
     assert one_sentence(str(raised.value)) and str(victim) in str(raised.value)
@@ -783,14 +800,14 @@ def test_the_command_line_names_a_data_folder_that_is_a_file(tmp_path, command):
 
 def test_a_folder_that_cannot_be_looked_into_is_named(published_mnist, monkeypatch):
     published_mnist.place_in_cache()
-    real_stat = data.pathlib.Path.stat
+    real_stat = cache.pathlib.Path.stat
 
     def stat(path, **kwargs):
         if published_mnist.directory in (path, *path.parents):   # the folder and all below it
             raise PermissionError(13, "Permission denied")
         return real_stat(path, **kwargs)
 
-    monkeypatch.setattr(data.pathlib.Path, "stat", stat)
+    monkeypatch.setattr(cache.pathlib.Path, "stat", stat)
     for call in (lambda: data.load("mnist", published_mnist.root),
                  lambda: data.download("mnist", published_mnist.root)):
         with pytest.raises(DataError, match=r"cannot look at .*Permission denied") as raised:
