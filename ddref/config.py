@@ -140,6 +140,7 @@ class DistillConfig:
             (not self.images or self.images_per_class == 1, "images",
              "and --images-per-class both set the images per step: give only one of them"),
             *self._label_checks(),
+            *self._only_with(),
         ]
         for ok, name, rule in checks:
             if not ok:
@@ -150,15 +151,32 @@ class DistillConfig:
 
     def _label_checks(self):
         """Learned labels get their gradient from the naive and backgrad engines of the plain
-        inner loop, and are evaluated by plain training from fixed or random θ0."""
+        inner loop, and are evaluated by plain training from fixed or random θ0; each conflict
+        names the option that conflicts with --learn-labels."""
         if not self.learn_labels:
             return []
         return [
-            (engines.ENGINES[self.engine].plain is not None and not self.momentum and not self.truncate,
-             "learn_labels", "needs --engine naive or backgrad, without --momentum or --truncate"),
-            (self.init in ("fixed", "random"), "learn_labels", "needs --init fixed or random"),
-            (self.objective == "classify", "learn_labels", "needs --objective classify"),
+            (engines.ENGINES[self.engine].plain is not None, "engine",
+             "gives no gradient for learned labels: use --engine naive or backgrad with --learn-labels"),
+            (not self.momentum, "momentum", "cannot be used with --learn-labels: leave it at 0"),
+            (not self.truncate, "truncate", "cannot be used with --learn-labels: leave it at 0"),
+            (self.init in ("fixed", "random"), "init", "must be fixed or random with --learn-labels"),
+            (self.objective == "classify", "objective", "must be classify with --learn-labels"),
         ]
+
+    def _only_with(self):
+        """Options that mean something only with another one: each given without it is refused
+        (nothing is silently ignored)."""
+        defaults = DistillConfig()
+        attack = [(name, "only applies to --objective attack")
+                  for name in ("source_class", "target_class") if self.objective != "attack"]
+        pretrained = [(name, "only applies to --init fixed-pretrained or random-pretrained")
+                      for name in ("pool_nets", "pretrain_epochs", "pretrain_lr")
+                      if self.init not in PRETRAINED]
+        fixed_pretrained = [("pretrained_net", "only applies to --init fixed-pretrained")
+                            for _ in [0] if self.init != "fixed-pretrained"]
+        return [(getattr(self, name) == getattr(defaults, name), name, rule)
+                for name, rule in attack + pretrained + fixed_pretrained]
 
     def to_dict(self):
         return dataclasses.asdict(self)

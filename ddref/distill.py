@@ -95,7 +95,12 @@ class Distiller(OuterLoop):
             raise DistillError(f"{path} holds an unusable config ({error}); start a new run "
                                f"with --force.") from None
         config = with_resume_changes(config, changes or {}, path)
-        return cls(config, dataset=dataset, progress=progress).load_state(arrays, path)
+        distiller = cls(config, dataset=dataset, progress=progress).load_state(arrays, path)
+        if config.iterations < distiller.iteration:
+            raise DistillError(f"--iterations {config.iterations} is fewer than the "
+                               f"{distiller.iteration} iterations the run in {Path(path).parent} "
+                               f"has done; give --iterations {distiller.iteration} or more.")
+        return distiller
 
 
 def prepared_for_evaluation(distilled: DistilledSet, dataset=None, source="distilled set"):

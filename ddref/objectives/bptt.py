@@ -18,7 +18,7 @@ import math
 import numpy as np
 from tqdm import tqdm
 
-from ddref import backend, data, engines, labels, nn
+from ddref import backend, data, engines, labels, nn, sizes
 from ddref.config import PRETRAINED, SAMPLED, DistillError, option_name
 from ddref.evaluate import Accuracy, evaluate_distilled, held_out_inits
 from ddref.losses import attack_targets, one_hot
@@ -43,6 +43,8 @@ class Algorithm1(Objective):
         self.labels = labels.assigned_labels(k, config.images or config.images_per_class * k)
         self.targets = one_hot(self.labels, k, config.dtype)
         self._check_fits_the_data()
+        sizes.check_fits(self.memory_parts(), "lower --steps, --epochs, --images(-per-class), "
+                                              "--n-nets or --batch-size")
         self.pools = self._load_pools() if config.init in PRETRAINED else None
         self.theta0 = None
         if config.init == "fixed":
@@ -68,6 +70,23 @@ class Algorithm1(Objective):
             if cfg.objective == "attack" and getattr(cfg, name) >= k:
                 raise ValueError(f"{option_name(name)} {getattr(cfg, name)} is not a class of "
                                  f"{self.dataset.name} (0 … {k - 1}).")
+
+    def memory_parts(self) -> dict:
+        """Bytes the run will hold at once, by what holds them, from the settings alone."""
+        cfg, b = self.config, np.dtype(self.config.dtype).itemsize
+        image = int(np.prod(self.dataset.image_shape)) * b
+        params = sum(int(np.prod(s)) for s in self.model.init.shapes.values()) * b
+        n, k, steps = len(self.labels), self.dataset.num_classes, cfg.num_inner_steps
+        nets = cfg.n_nets if cfg.init in SAMPLED else 1
+        kept = {"naive": 2 * (steps + 1), "backgrad": steps + 1,          # θ copies an engine keeps
+                "checkpoint": 3 * math.isqrt(steps) + 3, "reverse": 4}[cfg.engine]
+        if cfg.truncate:
+            kept = min(kept, 2 * (cfg.truncate + 1))
+        batch = min(cfg.batch_size, len(self.dataset.y_train))
+        return {"the distilled images and their optimiser state": 4 * cfg.steps * n * (image + k * b),
+                "the learned learning rates": 4 * cfg.epochs * cfg.steps * b,
+                "the networks and real batches of one iteration": nets * (params + batch * image),
+                "the weights the meta-gradient keeps": kept * params * (nets if nets > 1 else 1)}
 
     def _load_pools(self):
         """The training and held-out pools (trained now if absent), recorded in the config."""
