@@ -300,7 +300,7 @@ def _import_what_the_end_of_a_run_needs():
 def _finish_run(out, distiller, baseline_draws, progress=True):
     """Evaluate the distilled set against random real images (and, for an attack, measure the
     attack against relabelled real images); write the set, metrics, figures."""
-    from ddref.evaluate import random_real_baseline
+    from ddref.baselines import random_real_baseline
     from ddref.saved import atomic_write_text, json_safe
 
     config = distiller.config
@@ -323,7 +323,7 @@ def _finish_run(out, distiller, baseline_draws, progress=True):
         baseline, baseline_lr = random_real_baseline(
             distiller.model, distiller.dataset, config.steps, config.epochs, distiller.labels,
             theta0=distiller.theta0, n_draws=baseline_draws, seed=config.seed,
-            dtype=config.dtype)
+            dtype=config.dtype, momentum=config.momentum)
     history = distiller.history
     metrics = {
         "distilled_accuracy": dataclasses.asdict(accuracy),
@@ -344,7 +344,7 @@ def _finish_run(out, distiller, baseline_draws, progress=True):
         metrics["attack"] = attack.attack_report(
             distiller.model, distiller.dataset, distilled.images, distilled.labels, distilled.lrs,
             distiller.evaluation_networks(), config.source_class, config.target_class,
-            n_draws=baseline_draws, seed=config.seed)
+            n_draws=baseline_draws, seed=config.seed, momentum=config.momentum)
     distilled.save(out / "distilled.npz")
     _draw(out, distilled, history, baseline.mean)
     atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=1))
@@ -423,17 +423,23 @@ def cmd_evaluate(args):
 
 
 def _evaluate_reuse(distilled, path, args):
-    """`evaluate --order` and `evaluate --model`: the set used another way (ddref.reuse)."""
+    """`evaluate --order` and `evaluate --model`: the set used another way (ddref.reuse), on
+    the networks the run itself is judged on (a pre-trained run: its own pool's networks)."""
     from ddref import reuse
     from ddref.distill import check_n_inits, prepared_for_evaluation
 
     config, dataset, model, x, lrs, theta0 = prepared_for_evaluation(distilled, source=str(path))
-    if args.model in (None, config.model):
+    pretrained_run = config.init in ("fixed-pretrained", "random-pretrained")
+    if args.model in (None, config.model) and not pretrained_run:
         check_n_inits(args.n_inits, config, str(path))
     n_inits = args.n_inits or config.eval_inits
     if args.model is not None and args.model != config.model:
         if args.order not in (None, "learned"):
             raise ValueError("--order with another --model: give one of them at a time.")
+        if pretrained_run:
+            raise ValueError(f"--model {args.model}: {path} was distilled for pre-trained "
+                             f"{config.model} networks ({config.init}), and there are no "
+                             f"pre-trained {args.model} networks to train on it; leave --model out.")
         result = reuse.other_architecture_accuracy(args.model, dataset, x, distilled.labels, lrs,
                                                    n_inits=n_inits, seed=config.seed,
                                                    momentum=config.momentum,
@@ -444,12 +450,29 @@ def _evaluate_reuse(distilled, path, args):
         print(f"  with a tuned constant lr ({result['lr']:g}): {result['tuned_lr']}")
         return 0
     order = args.order or "learned"
+    inits, on = None, ""
+    if pretrained_run:
+        inits, on = _pretrained_evaluation_networks(config, dataset, args.n_inits, str(path))
     accuracy, lr = reuse.order_accuracy(order, model, dataset, x, distilled.labels, lrs,
                                         theta0=theta0, n_inits=n_inits, seed=config.seed,
                                         momentum=config.momentum,
-                                        soft_labels=distilled.soft_labels)
-    print(f"test accuracy, {order} order{f' (tuned lr {lr:g})' if lr else ''}: {accuracy}")
+                                        soft_labels=distilled.soft_labels, inits=inits)
+    print(f"test accuracy, {order} order{f' (tuned lr {lr:g})' if lr else ''}{on}: {accuracy}")
     return 0
+
+
+def _pretrained_evaluation_networks(config, dataset, n_nets, source):
+    """The networks a pre-trained run is evaluated on (its fixed pre-trained θ0, or networks of
+    its held-out pool), checked against the pools it recorded; and a phrase naming them."""
+    from ddref import pretrained
+
+    if n_nets is not None and config.init == "fixed-pretrained":
+        raise ValueError(f"--n-inits applies to sets distilled for random initialisations; "
+                         f"{source} was distilled for one pre-trained network: leave --n-inits out.")
+    pools = pretrained.pools_for(config, dataset, held_out_nets=(
+        n_nets if n_nets and n_nets > config.eval_inits else None))
+    pool, ids = pretrained.evaluation_networks(config, pools, n_nets)
+    return pool.networks(ids, config.dtype), f" ({pool.meta['spec']['split']} pool, networks {ids})"
 
 
 def _evaluate_pretrained(distilled, path, n_nets):

@@ -9,8 +9,9 @@
   one batched computation where the model allows it (the MLP), else one after the other.
 * :func:`evaluate_distilled` — accuracy of networks trained on a distilled set, from the
   fixed θ0 or as mean ± std over held-out random initialisations.
-* :func:`random_real_baseline` — the paper's baseline: the same number of random real
-  images, trained the same way, with one learning rate tuned on a small grid.
+
+The paper's random-real baseline lives with the other baselines,
+:func:`ddref.baselines.random_real_baseline` (this module knows nothing of them).
 """
 
 from __future__ import annotations
@@ -333,25 +334,3 @@ def sample_real_steps(dataset, steps, labels, rng):
                   for c in range(dataset.num_classes) if counts[c]}
         picks.append([chosen[c].pop() for c in labels])
     return dataset.x_train[np.asarray(picks)]
-
-
-def random_real_baseline(model, dataset, steps, epochs, labels, theta0=None, n_draws=10,
-                         seed=0, dtype="float32", lr_grid=BASELINE_LR_GRID, tune_draws=3,
-                         inits=None):
-    """The paper's baseline: ``steps`` groups of random real images with the same labels as
-    the distilled set, trained for the same steps and epochs with one learning rate, from
-    ``theta0``, the networks ``inits`` (draw d from ``inits[d % len(inits)]``; pre-trained
-    networks) or held-out initialisations.  The learning rate is the grid value with the
-    best mean *training-split* accuracy over the first ``tune_draws`` draws
-    (:mod:`ddref.baselines` holds the logic).  Returns (Accuracy on the test split, chosen lr)."""
-    from ddref import baselines
-
-    n = max(n_draws, tune_draws)
-    if inits is not None:
-        inits = [inits[d % len(inits)] for d in range(n)]
-    else:
-        inits = [theta0] if theta0 is not None else held_out_inits(model, n, seed, dtype)
-    sets = baselines.baseline_sets("random_real", model, dataset, steps, epochs, labels, inits,
-                                   n_draws, seed, lr_grid, tune_draws)
-    return baselines.as_training_data(model, dataset, sets, labels, epochs, inits, lr_grid,
-                                      tune_draws, n_pairs=n_draws)

@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 import ddref
 from ddref import backend, data, nn, transforms
-from ddref.evaluate import (Accuracy, accuracies_on, accuracy_on, evaluate_distilled,
-                            random_real_baseline, train_full)
+from ddref.baselines import random_real_baseline
+from ddref.evaluate import Accuracy, accuracies_on, accuracy_on, evaluate_distilled, train_full
 
 PRETRAINED_MODES = ("fixed-pretrained", "random-pretrained")
 SPLITS = ("train", "held-out")
@@ -337,8 +337,10 @@ def _check_recorded(recorded: str, pool: Pool):
 
 
 def evaluate(model, target: data.Dataset, x_steps, labels, lrs, nets, seed=0, baseline_draws=None,
-             fine_tune_epochs=FINE_TUNE_EPOCHS, fine_tune_lr=1e-3, progress=False) -> dict:
-    """The pre-trained-mode metrics on the target test split, mean ± std over ``nets``:
+             fine_tune_epochs=FINE_TUNE_EPOCHS, fine_tune_lr=1e-3, progress=False,
+             momentum=0.0) -> dict:
+    """The pre-trained-mode metrics on the target test split, mean ± std over ``nets``
+    (the distilled and random-real steps trained with the run's inner momentum β):
 
     before_accuracy       the networks as they are;
     distilled_accuracy    after training on the distilled steps (x_steps, lrs);
@@ -349,11 +351,12 @@ def evaluate(model, target: data.Dataset, x_steps, labels, lrs, nets, seed=0, ba
     dtype = str(backend.to_numpy(x_steps).dtype)
     steps, epochs = x_steps.shape[0], lrs.shape[0]
     before = accuracies_on(model.apply, nets, target.x_test, target.y_test)
-    distilled = evaluate_distilled(model, target, x_steps, labels, lrs, inits=nets)
+    distilled = evaluate_distilled(model, target, x_steps, labels, lrs, inits=nets,
+                                   momentum=momentum)
     with np.errstate(over="ignore", invalid="ignore"):  # the lr grid's largest values diverge
         baseline, baseline_lr = random_real_baseline(
             model, target, steps, epochs, labels, inits=nets, n_draws=baseline_draws or len(nets),
-            seed=seed, dtype=dtype)
+            seed=seed, dtype=dtype, momentum=momentum)
     full = []
     for i, th in enumerate(tqdm(nets, desc="fine-tune on the target", disable=not progress)):
         tuned = train_full(model, target, epochs=fine_tune_epochs, lr=fine_tune_lr, seed=seed + i,
@@ -383,7 +386,7 @@ def evaluate_run(config, model, target, x_steps, labels, lrs, pools: RunPools, n
     x = backend.asarray(x_steps, dtype=config.dtype)
     metrics = evaluate(model, target, x, labels, backend.asarray(lrs, dtype=config.dtype),
                        pool.networks(ids, config.dtype), seed=config.seed,
-                       baseline_draws=baseline_draws, progress=progress)
+                       baseline_draws=baseline_draws, progress=progress, momentum=config.momentum)
     metrics["evaluated_on"] = {"pool": pool.meta["spec"]["split"], "file": pool.path.name,
                                "network_ids": ids}
     return metrics

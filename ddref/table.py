@@ -246,7 +246,8 @@ def _baseline_rows(grid, cell, config, dataset, model, folder, progress):
     result = baselines.run_baseline(
         cell.method, model, dataset, config.steps, config.epochs, labels, inits,
         n_draws=grid.n_draws, seed=config.seed, tune_draws=grid.tune_draws,
-        n_candidates=grid.n_candidates, score_inits=score_inits, kmeans_draws=grid.kmeans_draws)
+        n_candidates=grid.n_candidates, score_inits=score_inits, kmeans_draws=grid.kmeans_draws,
+        momentum=config.momentum)
     return {cell.method: _row(result.training, lr=result.lr),
             f"knn_{cell.method}": _row(result.nearest_neighbour)}
 

@@ -60,8 +60,9 @@ def test_relabelled_real_baseline(trained_nets, monkeypatch):
     labels = distilled_labels(10, 1)
     scored_against = []
     tune_lr = baselines.tune_lr
-    monkeypatch.setattr(baselines, "tune_lr", lambda apply, pairs, targets, epochs, x, y, grid:
-                        scored_against.append(y) or tune_lr(apply, pairs, targets, epochs, x, y, grid))
+    monkeypatch.setattr(baselines, "tune_lr", lambda apply, pairs, targets, epochs, x, y, grid, momentum:
+                        scored_against.append(y) or tune_lr(apply, pairs, targets, epochs, x, y, grid,
+                                                            momentum))
     result, lr = attack.relabelled_real_baseline(mlp, digits, 2, 1, labels, nets, 0, 1, n_draws=2,
                                                  tune_draws=1, lr_grid=(0.3,))
     # tuned on the training split, against the attacked labels (the attack's own goal)
