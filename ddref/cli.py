@@ -245,8 +245,8 @@ def _resumable():
 
 
 def cmd_distill(args):
-    from ddref.distill import Distiller, DistillConfig
-    from ddref.saved import check_run_folder, claim_run_folder
+    from ddref.distill import DistillConfig
+    from ddref.saved import lock_run_folder
 
     _import_what_the_end_of_a_run_needs()
 
@@ -255,6 +255,14 @@ def cmd_distill(args):
     if args.out is not None and not args.out.strip():
         raise ValueError("--out is empty; name the run folder, e.g. --out runs/my-run.")
     out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.init}")
+    with lock_run_folder(out):           # one run at a time in a folder, for the whole run
+        return _distill_in_locked_folder(args, given, config, out)
+
+
+def _distill_in_locked_folder(args, given, config, out):
+    from ddref.distill import Distiller
+    from ddref.saved import check_run_folder, claim_run_folder
+
     replace = check_run_folder(out, resume=args.resume, force=args.force)
     checkpoint = out / "checkpoint.npz"
     progress = not args.no_progress
