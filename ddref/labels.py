@@ -139,5 +139,7 @@ def plot_soft_labels(soft_labels, class_names=None, title=None, path=None, max_s
     ax.set_title(title or f"learned label {kind} (rows: images, step by step)", fontsize=10)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
+        from ddref.plot import save_figure
+
+        save_figure(fig, path, dpi=110)
     return fig

@@ -22,10 +22,19 @@ def to_pixels(images, mean, std):
     return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
 
 
+def save_figure(fig, path, **options):
+    """Save ``fig`` to ``path`` (format from its suffix) atomically; a folder or disk that
+    cannot take it is one sentence naming the path (:func:`ddref.saved.write_atomically`)."""
+    from ddref.saved import write_atomically
+
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    write_atomically(path, lambda stream: fig.savefig(stream, format=fmt, **options))
+
+
 def _finish(fig, path):
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        save_figure(fig, path, dpi=120, bbox_inches="tight")
     return fig
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from tqdm import tqdm
 import ddref
 from ddref import backend, data, nn, transforms
 from ddref.baselines import random_real_baseline
+from ddref.saved import check_folder_writable, write_atomically
 from ddref.evaluate import Accuracy, accuracies_on, accuracy_on, evaluate_distilled, train_full
 
 PRETRAINED_MODES = ("fixed-pretrained", "random-pretrained")
@@ -194,20 +194,17 @@ def checksum(arrays: dict) -> str:
 def write_npz(path, arrays: dict):
     """An ``.npz`` that ``np.load`` reads, written so that the same arrays give the same bytes:
     sorted entries with a fixed timestamp (``np.savez`` stamps each entry with the current
-    time), to a temporary file renamed into place (a crash leaves no half-written pool)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as stream:
+    time), to a temporary file renamed into place (a crash or a full disk leaves no
+    half-written pool and no temporary file; the failure is one sentence)."""
+    def write(stream):
         with zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED) as archive:
             for key in sorted(arrays):
                 info = zipfile.ZipInfo(key + ".npy", date_time=_ZIP_TIME)
                 info.external_attr = 0o644 << 16
                 with archive.open(info, "w", force_zip64=True) as entry:
                     np.lib.format.write_array(entry, np.asarray(arrays[key]), allow_pickle=False)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
+
+    write_atomically(path, write)
 
 
 def save_pool(pool: Pool, path) -> Pool:
@@ -259,6 +256,7 @@ def get_pool(spec: PoolSpec, root=None, progress=True, log=print) -> tuple:
                             f"delete it and run the command again.")
         return pool, False
     source = data.load(spec.source, dtype=POOL_DTYPE)  # one clear error first if it cannot be had
+    check_folder_writable(path.parent, "the pre-trained pool folder")   # before, not after, training
     log(f"no pre-trained {spec.split} pool of {spec.n_nets} {spec.model} networks on "
         f"{spec.source} at {path}: training it now ({spec.epochs} epochs of Adam, lr {spec.lr:g}, "
         f"batch {spec.batch_size}, seeds {spec.seeds()[0]}…{spec.seeds()[-1]}).")

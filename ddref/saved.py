@@ -16,6 +16,7 @@ a bad one gets one sentence naming the file and the fix.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -34,27 +35,70 @@ class SavedFileError(RuntimeError):
 # ---------------------------------------------------------------------------- files
 
 
+def write_atomically(path, write, mode="wb"):
+    """Write ``path`` through ``write(stream)`` into ``PATH.tmp``, then rename it into place,
+    so that a crash never leaves half a file.  Any failure of the disk or the folder (full,
+    read-only, not a folder, no permission) is one :class:`SavedFileError` sentence naming
+    the path, and the temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        _remove(tmp)
+        raise write_error(path, error) from None
+    except BaseException:     # Ctrl-C or a failing writer: never a .tmp left behind either
+        _remove(tmp)
+        raise
+
+
+def _remove(path):
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def write_error(path, error):
+    """One sentence for an OSError met writing ``path``, with the fix."""
+    fix = {errno.ENOSPC: "free some disk space (or choose a folder on another disk) and run "
+                         "the command again",
+           errno.EDQUOT: "free some of your disk quota and run the command again",
+           errno.EROFS: "the disk is read-only: choose a folder on a writable disk"}.get(
+        error.errno, "make the folder writable or choose another one, and run the command again")
+    return SavedFileError(f"could not write {path} ({error.strerror or error}); {fix}.")
+
+
 def atomic_savez(path, arrays):
     """Write an .npz file so that a crash never leaves a half-written file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def atomic_write_text(path, text):
     """Write a text file atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(text), mode="w")
+
+
+def check_folder_writable(folder, what):
+    """Create ``folder`` if needed and write (then remove) a small file in it, so that a folder
+    that cannot take a file is found before anything is computed for it."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ddref-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise SavedFileError(f"{what} {folder} cannot be written ({error.strerror or error}); "
+                             f"make it writable, or set DDREF_DATA to a folder you can write to, "
+                             f"before anything is trained.") from None
 
 
 def load_npz(path, what):

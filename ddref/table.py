@@ -54,6 +54,7 @@ from tqdm import tqdm
 import ddref
 from ddref import baselines, data, nn
 from ddref.evaluate import Accuracy, accuracy_on, held_out_inits, train_full
+from ddref.saved import write_atomically
 
 TRAINING_METHODS = ("distilled", "random_real", "optimised_real", "kmeans", "average")
 METHODS = TRAINING_METHODS + ("full_data",)
@@ -261,14 +262,9 @@ def _full_data_rows(grid, cell, config, dataset, model, folder, progress):
 
 
 def write_json_atomic(path, value):
-    """Write JSON so that a crash never leaves a half-written file where a result should be."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON so that a crash never leaves a half-written file where a result should be
+    (a full or unwritable disk is one sentence naming the file, and no temporary file stays)."""
+    write_atomically(path, lambda f: json.dump(value, f, indent=1), mode="w")
 
 
 # ---------------------------------------------------------------------------- the grid
@@ -369,7 +365,7 @@ def write_outputs(grid, out):
     table = {"grid": grid.name, "command": grid_command(grid, out), "version": ddref.__version__,
              "settings": dataclasses.asdict(grid), "missing_cells": missing, "rows": rows}
     write_json_atomic(out / "table.json", table)
-    (out / "table.md").write_text(markdown(grid, rows, missing))
+    write_atomically(out / "table.md", lambda f: f.write(markdown(grid, rows, missing)), mode="w")
     figure(grid, rows, out / "table.png")
 
 
@@ -484,8 +480,12 @@ def figure(grid, rows, path):
         ax.legend(fontsize=8, loc="lower left")
     fig.suptitle(f"ddref table --grid {grid.name}: test accuracy, mean ± std "
                  f"(dashed: the distilled set, trained on)", fontsize=10)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from ddref.plot import save_figure
+
+    try:
+        save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 
