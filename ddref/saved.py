@@ -84,7 +84,8 @@ def atomic_write_text(path, text):
     write_atomically(path, lambda f: f.write(text), mode="w")
 
 
-def check_folder_writable(folder, what):
+def check_folder_writable(folder, what, fix="make it writable, or set DDREF_DATA to a folder you "
+                                            "can write to, before anything is trained"):
     """Create ``folder`` if needed and write (then remove) a small file in it, so that a folder
     that cannot take a file is found before anything is computed for it."""
     import tempfile
@@ -97,8 +98,7 @@ def check_folder_writable(folder, what):
         os.unlink(probe)
     except OSError as error:
         raise SavedFileError(f"{what} {folder} cannot be written ({error.strerror or error}); "
-                             f"make it writable, or set DDREF_DATA to a folder you can write to, "
-                             f"before anything is trained.") from None
+                             f"{fix}.") from None
 
 
 def load_npz(path, what):

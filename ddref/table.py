@@ -271,12 +271,60 @@ def write_json_atomic(path, value):
 
 
 def stored_result(grid, cell, out):
-    """The cell's stored result, or None when it is missing or was made with other settings."""
+    """The cell's stored result, or None when it is missing or was made with other settings;
+    a damaged file is one sentence naming it and the fix (:func:`check_result`)."""
     path = Path(out) / "cells" / cell.name / "result.json"
     if not path.exists():
         return None
-    result = json.loads(path.read_text())
+    result = check_result(path)
     return result if result["settings"] == cell_settings(grid, cell) else None
+
+
+def check_result(path):
+    """A cell's ``result.json`` as written by :func:`run_cell`: {"settings": {…}, "rows":
+    {method: {"mean", "std", "n", …}}, "seconds": s}, else a :class:`SavedFileError`."""
+    from ddref.saved import SavedFileError
+
+    def damaged(why):
+        return SavedFileError(f"{path} is damaged ({why}); delete the folder {path.parent} and "
+                              f"run the same command again to recompute that cell.")
+
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise damaged(f"not readable JSON: {error.__class__.__name__}") from None
+    if not isinstance(result, dict) or not isinstance(result.get("settings"), dict):
+        raise damaged("no settings object")
+    if not isinstance(result.get("rows"), dict) or not result["rows"]:
+        raise damaged("no rows")
+    for method, row in result["rows"].items():
+        numbers = isinstance(row, dict) and all(
+            isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+            for k in ("mean", "std", "n"))
+        if not numbers:
+            raise damaged(f"row {method!r} lacks a numeric mean, std and n")
+    if not isinstance(result.get("seconds"), (int, float)):
+        raise damaged("no seconds")
+    return result
+
+
+def worker_count(jobs, n_cells):
+    """joblib workers for ``n_cells`` cells: ``jobs`` (−1: every CPU), never more than the
+    cells or the CPUs (an idle worker costs a process and its memory)."""
+    cpus = os.cpu_count() or 1
+    wanted = cpus if jobs == -1 else jobs
+    return max(1, min(wanted, n_cells, cpus))
+
+
+def check_out(out):
+    """``out`` must be a folder (or creatable as one) that takes files, before any cell runs."""
+    from ddref.saved import SavedFileError, check_folder_writable
+
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise SavedFileError(f"--out {out}: {parent} is a file, not a folder; choose another --out.")
+    check_folder_writable(out / "cells", "--out folder",
+                          fix="make it writable or choose another --out")
 
 
 def select(cells, only):
@@ -298,8 +346,10 @@ def run_grid(grid, out, jobs=1, only=None, progress=True, log=print):
 
     check_grid(grid)
     out = Path(out)
+    check_out(out)
     cells = select(grid.cells(), only)
     missing = [c for c in cells if stored_result(grid, c, out) is None]
+    jobs = worker_count(jobs, len(missing))
     log(f"{len(cells) - len(missing)} of {len(cells)} cells already in {out}/cells; "
         f"computing {len(missing)} with {jobs} job(s)")
     for cell in missing:   # stale or half-made: start the cell afresh
