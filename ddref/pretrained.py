@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,10 +259,55 @@ def get_pool(spec: PoolSpec, root=None, progress=True, log=print) -> tuple:
         return pool, False
     source = data.load(spec.source, dtype=POOL_DTYPE)  # one clear error first if it cannot be had
     check_folder_writable(path.parent, "the pre-trained pool folder")   # before, not after, training
+    check_pool_fits(spec, path.parent)
     log(f"no pre-trained {spec.split} pool of {spec.n_nets} {spec.model} networks on "
         f"{spec.source} at {path}: training it now ({spec.epochs} epochs of Adam, lr {spec.lr:g}, "
         f"batch {spec.batch_size}, seeds {spec.seeds()[0]}…{spec.seeds()[-1]}).")
     return save_pool(train_pool(spec, source, progress), path), True
+
+
+def pool_bytes(spec: PoolSpec) -> int:
+    """The bytes of the pool's parameters: n_nets × (parameters of one network) × 4 (float32).
+    Training holds them all in memory until the file is written, and the file is as large."""
+    model = nn.build_model(spec.model, spec.image_shape, spec.num_classes)
+    per_net = sum(int(np.prod(shape)) for shape in model.init.shapes.values())
+    return spec.n_nets * per_net * np.dtype(POOL_DTYPE).itemsize
+
+
+def available_memory():
+    """Bytes of memory available to a new allocation (Linux: MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_pool_fits(spec: PoolSpec, folder):
+    """Refuse, before any network is trained, a pool larger than the memory available now or
+    the free space of ``folder``, with the numbers."""
+    need = pool_bytes(spec)
+    room = {"of memory is available": available_memory()}
+    try:
+        room[f"is free on the disk of {folder}"] = shutil.disk_usage(folder).free
+    except OSError:
+        pass
+    for where, have in room.items():
+        if have is not None and need > have:
+            raise PoolError(
+                f"a pool of {spec.n_nets:,} {spec.model} networks holds {_gb(need)} of parameters "
+                f"but only {_gb(have)} {where}; choose fewer --nets / --pool-nets "
+                f"(at most about {max(1, spec.n_nets * have // need):,}).")
+
+
+def _gb(n):
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def list_pools(root=None) -> list:
