@@ -84,6 +84,13 @@ CONFIG_HELP = {
 }
 
 
+EXIT_STATUS = ("exit status: 0 done; 1 `ddref evaluate` ran but did not reproduce the accuracy "
+               "the run reported; 2 the command could not be done as asked — a bad option or "
+               "argument, a missing, damaged or unwritable file or folder, a size that cannot "
+               "fit, training that diverged — said in one sentence on stderr (argparse's usage "
+               "errors too); 130 interrupted (Ctrl-C), with what to run to continue.")
+
+
 def _add_config_options(parser):
     from ddref.distill import DistillConfig
 
@@ -160,7 +167,8 @@ def build_parser():
     common.add_argument("--threads", type=_whole_number(0), default=argparse.SUPPRESS, help=threads_help)
 
     parser = argparse.ArgumentParser(
-        prog="ddref", description="Dataset Distillation (Wang et al. 2018) in numpy + autograd.")
+        prog="ddref", description="Dataset Distillation (Wang et al. 2018) in numpy + autograd.",
+        epilog=EXIT_STATUS)
     parser.add_argument("--version", action="version", version=f"ddref {ddref.__version__}")
     parser.add_argument("--threads", type=_whole_number(0), default=1, help=threads_help)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -394,8 +402,10 @@ def _distilled_path(run):
     run = Path(run)
     path = run / "distilled.npz" if run.is_dir() else run
     if not path.is_file():
-        raise SystemExit(f"ddref: error: {path} does not exist; give a run folder made by "
-                         f"`ddref distill` or its distilled.npz.")
+        from ddref.saved import SavedFileError
+
+        raise SavedFileError(f"{path} does not exist; give a run folder made by `ddref distill` "
+                             f"or its distilled.npz.")
     return path
 
 
@@ -421,8 +431,10 @@ def cmd_evaluate(args):
     if metrics_path.exists() and args.n_inits is None:
         reported = _reported_metrics(metrics_path)["distilled_accuracy"]
         if not isinstance(reported, dict) or not isinstance(reported.get("mean"), (int, float)):
-            raise SystemExit(f"ddref: error: {metrics_path} has no usable distilled_accuracy.mean; "
-                             f"re-create it with `ddref distill`.")
+            from ddref.saved import SavedFileError
+
+            raise SavedFileError(f"{metrics_path} has no usable distilled_accuracy.mean; "
+                                 f"re-create it with `ddref distill`.")
         same = abs(reported["mean"] - accuracy.mean) < 1e-9
         print(f"reported at the end of the run: {100 * reported['mean']:.2f}% "
               f"({'reproduced' if same else 'DIFFERENT'})")
@@ -488,7 +500,19 @@ def _evaluate_pretrained(distilled, path, n_nets):
     from ddref import pretrained
 
     metrics_path = path.parent / "metrics.json"
-    reported = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    reported = None
+    if metrics_path.exists():
+        from ddref.saved import read_json
+
+        reported = read_json(metrics_path, "metrics file",
+                             required=("random_real_accuracy", *pretrained.METRIC_NAMES))
+        if not all(isinstance(reported[k], dict) and isinstance(reported[k].get("mean"), (int, float))
+                   for k in pretrained.METRIC_NAMES) or not isinstance(
+                reported["random_real_accuracy"].get("n"), int):
+            from ddref.saved import SavedFileError
+
+            raise SavedFileError(f"{metrics_path} has unusable accuracies; re-create it with "
+                                 f"`ddref distill`.")
     draws = reported["random_real_accuracy"]["n"] if reported and n_nets is None else None
     metrics = pretrained.evaluate_saved(distilled, n_nets=n_nets, baseline_draws=draws)
     print(f"target test accuracy of pre-trained networks ({metrics['evaluated_on']['file']}, "
@@ -510,6 +534,8 @@ def cmd_show(args):
     path = _distilled_path(args.run)
     out = path.parent
     distilled = DistilledSet.load(path)
+    if distilled.classes is not None:      # labels must name one of the classes it stores
+        distilled.check(len(distilled.classes), source=path)
     metrics_path = out / "metrics.json"
     history, baseline = None, None
     if metrics_path.exists():
@@ -518,8 +544,10 @@ def cmd_show(args):
             history = History(**metrics["history"])
             baseline = float(metrics["random_real_accuracy"]["mean"])
         except (TypeError, KeyError, ValueError):
-            raise SystemExit(f"ddref: error: {metrics_path} has an unusable history or "
-                             f"random_real_accuracy; re-create it with `ddref distill`.") from None
+            from ddref.saved import SavedFileError
+
+            raise SavedFileError(f"{metrics_path} has an unusable history or "
+                                 f"random_real_accuracy; re-create it with `ddref distill`.") from None
     stem = "" if path.name == "distilled.npz" else path.stem + "-"
     print(f"drawing {path} …")
     _draw(out, distilled, history, baseline, stem)
@@ -533,13 +561,17 @@ def cmd_show(args):
 
 def cmd_train(args):
     from ddref import nn
-    from ddref.evaluate import accuracy_on, train_full
+    from ddref.evaluate import accuracy_on, check_trained, train_full
 
     dataset = data.load(args.dataset)
     model = nn.build_model(args.model, dataset.image_shape, dataset.num_classes)
     epochs = args.epochs if args.epochs is not None else (30 if args.dataset == "digits" else 15)
-    params = train_full(model, dataset, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
-                        seed=args.seed, progress=not args.no_progress)
+    import numpy as np
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # divergence is said below
+        params = train_full(model, dataset, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
+                            seed=args.seed, progress=not args.no_progress)
+        check_trained(model, params, dataset, f"--lr {args.lr:g}")   # one sentence if it diverged
     acc = accuracy_on(model.apply, params, dataset.x_test, dataset.y_test)
     print(f"{args.model} trained on all {len(dataset.y_train)} {args.dataset} training images "
           f"for {epochs} epochs: test accuracy {100 * acc:.2f}% ({len(dataset.y_test)} test images)")
@@ -627,7 +659,7 @@ def main(argv=None):
         from ddref.saved import SavedFileError
 
         errors = (data.DataError, DistillError, SavedFileError, ShapeError, ValueError,
-                  backend.BackendUnavailable)
+                  backend.BackendUnavailable, OSError)
     except (ValueError, ImportError, RuntimeError) as error:
         print(f"ddref: error: {error} (from DDREF_BACKEND={os.environ.get('DDREF_BACKEND')!r})"
               if "backend" in str(error).lower() else f"ddref: error: {error}", file=sys.stderr)

@@ -51,6 +51,28 @@ def accuracy_on(apply, params, x, y) -> float:
     return accuracy(logits, y)
 
 
+DIVERGED_FACTOR = 10    # a training loss above 10 × ln K is divergence, not slow learning
+
+
+def check_trained(model, params, dataset, setting):
+    """Raise :class:`TrainingDiverged` when the network's cross-entropy on the training split
+    is not finite or is far above chance level ln K (what a network that learned nothing
+    scores; above ``DIVERGED_FACTOR`` × ln K): training diverged, and its test accuracy would
+    be a meaningless number.  ``setting`` names the option to change, e.g. ``"--lr 1e+06"``."""
+    import math
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        logits = predict(model.apply, params, dataset.x_train)
+        loss = float(cross_entropy(logits, one_hot(dataset.y_train, dataset.num_classes,
+                                                   str(logits.dtype))))
+    chance = math.log(dataset.num_classes)
+    if not math.isfinite(loss) or loss > DIVERGED_FACTOR * chance:
+        raise TrainingDiverged(
+            f"training diverged: the training loss at the end is {loss:.3g}, far above chance "
+            f"level {chance:.2f} (ln {dataset.num_classes}); {setting} is too large, try a "
+            f"smaller one.")
+
+
 def _diverged():
     return TrainingDiverged(
         "training on these images diverged (the network's outputs are NaN or inf): the "

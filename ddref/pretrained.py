@@ -38,7 +38,8 @@ import ddref
 from ddref import backend, data, nn, transforms
 from ddref.baselines import random_real_baseline
 from ddref.saved import check_folder_writable, write_atomically
-from ddref.evaluate import Accuracy, accuracies_on, accuracy_on, evaluate_distilled, train_full
+from ddref.evaluate import (Accuracy, accuracies_on, accuracy_on, check_trained, evaluate_distilled,
+                            train_full)
 
 PRETRAINED_MODES = ("fixed-pretrained", "random-pretrained")
 SPLITS = ("train", "held-out")
@@ -155,8 +156,10 @@ def train_pool(spec: PoolSpec, dataset: data.Dataset | None = None, progress=Tru
     params, train_acc, test_acc = [], [], []
     for seed in tqdm(spec.seeds(), desc=f"pretrain {spec.n_nets} {spec.model} on {spec.source}",
                      unit="net", disable=not progress, dynamic_ncols=True):
-        p = train_full(model, dataset, epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
-                       seed=seed, dtype=POOL_DTYPE, progress=False)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # said just below
+            p = train_full(model, dataset, epochs=spec.epochs, batch_size=spec.batch_size,
+                           lr=spec.lr, seed=seed, dtype=POOL_DTYPE, progress=False)
+        check_trained(model, p, dataset, f"the pre-training lr {spec.lr:g} (--lr / --pretrain-lr)")
         params.append({k: backend.to_numpy(v) for k, v in p.items()})
         train_acc.append(accuracy_on(model.apply, p, dataset.x_train, dataset.y_train))
         test_acc.append(accuracy_on(model.apply, p, dataset.x_test, dataset.y_test))
