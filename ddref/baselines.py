@@ -108,6 +108,9 @@ def average_steps(dataset, steps, labels):
 def pairs_of(sets, inits):
     """Pair draw i with network i; the shorter list is recycled (one set or one fixed θ0 is
     shared by all)."""
+    if not len(sets) or not len(inits):
+        raise ValueError(f"pairing needs at least one image set and one network; got "
+                         f"{len(sets)} sets and {len(inits)} networks.")
     n = max(len(sets), len(inits))
     return [(sets[i % len(sets)], inits[i % len(inits)]) for i in range(n)]
 
@@ -120,6 +123,11 @@ def train_pairs(apply, pairs, targets, epochs, lr, momentum=0.0):
 
 def train_grid(apply, pairs, targets, epochs, lr_grid, momentum=0.0):
     """[θ_T of every pair] for each lr of ``lr_grid``: all lrs × pairs as one computation."""
+    if not len(pairs) or not len(lr_grid):
+        raise ValueError(f"training needs at least one (images, θ0) pair and one learning rate; "
+                         f"got {len(pairs)} pairs and {len(lr_grid)} rates.")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"epochs must be a whole number of at least 1, got {epochs!r}.")
     steps = len(pairs[0][0])
     runs = [(x, theta0, np.full((epochs, steps), lr)) for lr in lr_grid for x, theta0 in pairs]
     trained = train_many(apply, [r[1] for r in runs], [r[0] for r in runs], targets,
@@ -153,6 +161,8 @@ def as_training_data(model, dataset, sets, labels, epochs, inits, lr_grid=LR_GRI
     β = ``momentum``, as the distilled set is) with the lr tuned on the training split over the
     first ``tune_pairs`` pairs; returns (Accuracy, lr).  ``n_pairs`` limits how many pairs are
     evaluated (default all)."""
+    if isinstance(tune_pairs, bool) or not isinstance(tune_pairs, (int, np.integer)) or tune_pairs < 1:
+        raise ValueError(f"tune_draws must be at least 1 (pairs the lr is tuned on), got {tune_pairs!r}.")
     targets = one_hot(labels, dataset.num_classes, _dtype_of(inits[0]))
     pairs = pairs_of(sets, inits)
     lr = tune_lr(model.apply, pairs[:tune_pairs], targets, epochs, dataset.x_train, dataset.y_train,
@@ -224,8 +234,19 @@ def nearest_neighbour_accuracy(x_steps, labels, x_test, y_test, batch_size=1024)
     """Test accuracy of 1-nearest-neighbour (Euclidean) with the S × n images of ``x_steps``
     and their labels as the stored examples."""
     x_steps = np.asarray(backend.to_numpy(x_steps), dtype=np.float64)
+    labels = np.asarray(backend.to_numpy(labels))
+    if x_steps.ndim < 3 or x_steps.shape[0] * x_steps.shape[1] == 0:
+        raise ValueError(f"x_steps must be the stored images (steps, n, …) with at least one "
+                         f"image; got shape {x_steps.shape}.")
+    if labels.shape != (x_steps.shape[1],):
+        raise ValueError(f"labels must give one class per image of a step, shape "
+                         f"({x_steps.shape[1]},); got shape {labels.shape}.")
+    if len(x_test) == 0 or len(x_test) != len(y_test) or tuple(np.shape(x_test)[1:]) != x_steps.shape[2:]:
+        raise ValueError(f"x_test must hold at least one image shaped like the stored ones "
+                         f"{x_steps.shape[2:]}, with one label each; got x_test "
+                         f"{np.shape(x_test)} and y_test {np.shape(y_test)}.")
     stored = x_steps.reshape(-1, int(np.prod(x_steps.shape[2:])))
-    stored_labels = np.tile(np.asarray(labels), x_steps.shape[0])
+    stored_labels = np.tile(labels, x_steps.shape[0])
     stored_sq = (stored ** 2).sum(axis=1)
     predictions = []
     for start in range(0, len(x_test), batch_size):

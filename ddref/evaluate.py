@@ -24,13 +24,16 @@ from tqdm import tqdm
 
 from ddref import backend, fused
 from ddref.losses import accuracy, cross_entropy, one_hot
-from ddref.unroll import check_finite, check_schedule, step_schedule, step_targets, unroll
+from ddref.unroll import (check_finite, check_nonnegative_lrs, check_schedule, step_schedule,
+                          step_targets, unroll)
 
 BASELINE_LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
 def predict(apply, params, x, batch_size=2048):
     """Logits for ``x`` (host or device array), computed in batches, as a host array."""
+    if len(x) == 0:
+        raise ValueError("no images to predict: x is empty (check the split or the slice).")
     outputs = []
     for start in range(0, len(x), batch_size):
         batch = backend.asarray(x[start: start + batch_size], dtype=_dtype_of(params))
@@ -158,6 +161,7 @@ def train_on_steps(apply, theta0, x_steps, targets, lrs, momentum=0.0):
     dtype = _dtype_of(theta0)
     args = (apply, theta0, backend.asarray(x_steps, dtype=dtype),
             backend.asarray(targets, dtype=dtype), backend.asarray(lrs, dtype=dtype))
+    check_nonnegative_lrs(args[4])
     if momentum:
         from ddref.reversible import momentum_unroll
         return momentum_unroll(*args, momentum=momentum)
@@ -186,6 +190,8 @@ def train_many(apply, theta0s, x_steps, targets, lrs, momentum=0.0):
     network that diverges does not disturb the others: its weights turn non-finite (judge it
     with :func:`accuracies_on`).  Other models are trained one after the other."""
     k = len(theta0s)
+    if k == 0:
+        raise ValueError("no networks to train: give at least one θ0 (n_inits ≥ 1).")
     sets = _one_per_network("x_steps", x_steps, k, 5)
     schedules = _one_per_network("lrs", lrs, k, 2)
     fast = fused.gradient_for(apply, cross_entropy)
@@ -229,6 +235,7 @@ def _check_stackable(sets, schedules, momentum):
         check_schedule(backend.asarray(x), backend.asarray(schedule))
         check_finite("the distilled images", backend.asarray(x))
         check_finite("the learning rates", backend.asarray(schedule))
+        check_nonnegative_lrs(backend.asarray(schedule))
     if momentum:
         from ddref.reversible import check_momentum
         check_momentum(momentum)
@@ -270,6 +277,9 @@ def accuracies_on(apply, nets, x, y, diverged="raise"):
     or scores NaN (``diverged="nan"``) without disturbing the others."""
     if diverged not in ("raise", "nan"):
         raise ValueError(f"diverged must be 'raise' or 'nan', got {diverged!r}.")
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"accuracy needs as many labels as images, and at least one; got "
+                         f"{len(x)} images and {len(y)} labels.")
     fast = fused.gradient_for(apply, cross_entropy)
     stackable = fast is not None and fast.stackable and len(nets) > 1
     scores, finite = [], []
@@ -320,14 +330,23 @@ class Accuracy:
     @classmethod
     def of(cls, values):
         values = np.asarray(values, dtype=float)
+        if values.ndim != 1 or values.size == 0:
+            raise ValueError(f"an accuracy is the mean of one or more networks' values; got "
+                             f"{values.size} values of shape {values.shape}.")
         return cls(float(values.mean()), float(values.std()), len(values),
                    tuple(float(v) for v in values))
 
 
 def held_out_inits(model, n, seed, dtype):
     """``n`` fresh initialisations θ0 ~ p(θ0) from a seed that training never uses."""
+    _check_count("n_inits", n)
     rng = backend.rng(np.random.SeedSequence([seed, 0xE7A1]))
     return [model.init(rng, dtype=dtype) for _ in range(n)]
+
+
+def _check_count(name, n):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1 (networks to train), got {n!r}.")
 
 
 def evaluate_distilled(model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10, seed=0,
