@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ddref import baselines
-from ddref.evaluate import Accuracy, predict, train_many
+from ddref.evaluate import Accuracy, TrainingDiverged, predict, train_many
 from ddref.losses import attack_targets, one_hot
 
 METRICS = ("attack_success", "other_classes_accuracy", "accuracy", "attacked_accuracy")
@@ -105,12 +105,22 @@ class AttackSummary:
 def summarise(apply, trained, x, y, source, target, num_classes) -> AttackSummary:
     """The attack measures of networks ``trained`` (a list of parameter dicts) on (x, y)."""
     check_classes(source, target, num_classes)
-    rows = [attack_metrics(predict(apply, params, x).argmax(axis=1), y, source, target, num_classes)
+    rows = [attack_metrics(_finite_predictions(apply, params, x), y, source, target, num_classes)
             for params in trained]
     per_class = np.stack([r["per_class"] for r in rows])
     return AttackSummary(**{m: Accuracy.of([r[m] for r in rows]) for m in METRICS},
                          per_class_mean=tuple(per_class.mean(axis=0).tolist()),
                          per_class_std=tuple(per_class.std(axis=0).tolist()), n=len(rows))
+
+
+def _finite_predictions(apply, params, x):
+    """Predicted classes of one network; a diverged one (NaN or inf outputs) is an error, not
+    a set of arbitrary class numbers."""
+    logits = predict(apply, params, x)
+    if not np.isfinite(logits).all():
+        raise TrainingDiverged("training on these images diverged (the network's outputs are NaN "
+                               "or inf): the learning rates are too large for them")
+    return logits.argmax(axis=1)
 
 
 def evaluate_attack(model, dataset, x_steps, labels, lrs, inits, source, target,

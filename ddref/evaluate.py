@@ -35,9 +35,10 @@ def predict(apply, params, x, batch_size=2048):
     if len(x) == 0:
         raise ValueError("no images to predict: x is empty (check the split or the slice).")
     outputs = []
-    for start in range(0, len(x), batch_size):
-        batch = backend.asarray(x[start: start + batch_size], dtype=_dtype_of(params))
-        outputs.append(backend.to_numpy(apply(params, batch)))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # callers check finiteness
+        for start in range(0, len(x), batch_size):
+            batch = backend.asarray(x[start: start + batch_size], dtype=_dtype_of(params))
+            outputs.append(backend.to_numpy(apply(params, batch)))
     return np.concatenate(outputs)
 
 
@@ -162,10 +163,12 @@ def train_on_steps(apply, theta0, x_steps, targets, lrs, momentum=0.0):
     args = (apply, theta0, backend.asarray(x_steps, dtype=dtype),
             backend.asarray(targets, dtype=dtype), backend.asarray(lrs, dtype=dtype))
     check_nonnegative_lrs(args[4])
-    if momentum:
-        from ddref.reversible import momentum_unroll
-        return momentum_unroll(*args, momentum=momentum)
-    return unroll(*args)
+    # a diverging network overflows quietly here: accuracy_on / accuracies_on say so in a sentence
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if momentum:
+            from ddref.reversible import momentum_unroll
+            return momentum_unroll(*args, momentum=momentum)
+        return unroll(*args)
 
 
 # ---------------------------------------------------------------------------- many networks at once
