@@ -7,7 +7,7 @@ Two workloads per data set, the MLP, 10 steps × 3 epochs of 1 image per class p
              evaluation, ``evaluate.evaluate_distilled``), then their test accuracy;
 * baseline — the random-real baseline: the 8 grid learning rates × 3 tune draws trained and
              scored on the training split, then 10 draws at the chosen lr scored on the test
-             split (``evaluate.random_real_baseline``).
+             split (``baselines.random_real_baseline``).
 
 "loop" is the readable definition, one network after the other (``train_on_steps``,
 ``accuracy_on``, the grid lr by lr); "batched" is ``train_many`` / ``accuracies_on`` as ddref
@@ -57,7 +57,7 @@ def held_out_loop(dataset, model, labels, x_steps, lrs, dtype):
 
 
 def baseline_loop(dataset, model, labels, dtype):
-    """``evaluate.random_real_baseline`` written as loops over networks and grid values."""
+    """``baselines.random_real_baseline`` written as loops over networks and grid values."""
     inits = held_out_inits(model, N_DRAWS, 0, dtype)
     sets = baselines.baseline_sets("random_real", model, dataset, STEPS, EPOCHS, labels, inits,
                                    N_DRAWS, 0, BASELINE_LR_GRID, TUNE_DRAWS)
@@ -93,7 +93,7 @@ def held_out_batched(dataset, model, labels, x_steps, lrs, dtype):
 
 
 def baseline_batched(dataset, model, labels, dtype):
-    accuracy, lr = evaluate.random_real_baseline(model, dataset, STEPS, EPOCHS, labels,
+    accuracy, lr = baselines.random_real_baseline(model, dataset, STEPS, EPOCHS, labels,
                                                  n_draws=N_DRAWS, seed=0, dtype=dtype,
                                                  tune_draws=TUNE_DRAWS)
     return list(accuracy.values), lr

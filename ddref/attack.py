@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ddref import baselines
-from ddref.evaluate import Accuracy, predict, train_many
+from ddref.evaluate import Accuracy, TrainingDiverged, predict, train_many
 from ddref.losses import attack_targets, one_hot
 
 METRICS = ("attack_success", "other_classes_accuracy", "accuracy", "attacked_accuracy")
@@ -105,7 +105,7 @@ class AttackSummary:
 def summarise(apply, trained, x, y, source, target, num_classes) -> AttackSummary:
     """The attack measures of networks ``trained`` (a list of parameter dicts) on (x, y)."""
     check_classes(source, target, num_classes)
-    rows = [attack_metrics(predict(apply, params, x).argmax(axis=1), y, source, target, num_classes)
+    rows = [attack_metrics(_finite_predictions(apply, params, x), y, source, target, num_classes)
             for params in trained]
     per_class = np.stack([r["per_class"] for r in rows])
     return AttackSummary(**{m: Accuracy.of([r[m] for r in rows]) for m in METRICS},
@@ -113,13 +113,25 @@ def summarise(apply, trained, x, y, source, target, num_classes) -> AttackSummar
                          per_class_std=tuple(per_class.std(axis=0).tolist()), n=len(rows))
 
 
-def evaluate_attack(model, dataset, x_steps, labels, lrs, inits, source, target) -> dict:
+def _finite_predictions(apply, params, x):
+    """Predicted classes of one network; a diverged one (NaN or inf outputs) is an error, not
+    a set of arbitrary class numbers."""
+    logits = predict(apply, params, x)
+    if not np.isfinite(logits).all():
+        raise TrainingDiverged("training on these images diverged (the network's outputs are NaN "
+                               "or inf): the learning rates are too large for them")
+    return logits.argmax(axis=1)
+
+
+def evaluate_attack(model, dataset, x_steps, labels, lrs, inits, source, target,
+                    momentum=0.0) -> dict:
     """{'before', 'after'}: the attack measures on the test split of the networks ``inits``
-    (a list of θ0) as they are, and after training on the steps x_steps with ``lrs``."""
+    (a list of θ0) as they are, and after training on the steps x_steps with ``lrs`` and the
+    inner momentum β the set was distilled with."""
     check_classes(source, target, dataset.num_classes)
     dtype = str(next(iter(inits[0].values())).dtype)
     targets = one_hot(labels, dataset.num_classes, dtype)
-    after = train_many(model.apply, inits, x_steps, targets, lrs)
+    after = train_many(model.apply, inits, x_steps, targets, lrs, momentum)
     measure = lambda nets: summarise(model.apply, nets, dataset.x_test, dataset.y_test, source,  # noqa: E731
                                      target, dataset.num_classes)
     return {"before": measure(inits), "after": measure(after)}
@@ -151,14 +163,18 @@ def relabelled_targets(labels, num_classes, source, target, dtype):
     return attack_targets(np.asarray(labels), num_classes, source, target, dtype)
 
 
-def train_relabelled(model, dataset, sets, labels, epochs, inits, source, target, lr) -> list:
-    """θ_T of network i trained on draw i (class K labelled T) at one learning rate ``lr``."""
+def train_relabelled(model, dataset, sets, labels, epochs, inits, source, target, lr,
+                     momentum=0.0) -> list:
+    """θ_T of network i trained on draw i (class K labelled T) at one learning rate ``lr``
+    (inner momentum β)."""
     targets = relabelled_targets(labels, dataset.num_classes, source, target, _dtype_of(inits[0]))
-    return baselines.train_pairs(model.apply, baselines.pairs_of(sets, inits), targets, epochs, lr)
+    return baselines.train_pairs(model.apply, baselines.pairs_of(sets, inits), targets, epochs, lr,
+                                 momentum)
 
 
 def relabelled_real_baseline(model, dataset, steps, epochs, labels, inits, source, target,
-                             n_draws=10, seed=0, lr_grid=baselines.LR_GRID, tune_draws=3):
+                             n_draws=10, seed=0, lr_grid=baselines.LR_GRID, tune_draws=3,
+                             momentum=0.0):
     """The original's attack baseline: random real images arranged like the distilled set,
     those of class K labelled T, trained for the same steps and epochs from ``inits`` (draw i
     with network i) at the lr of ``lr_grid`` with the best training-split accuracy against the
@@ -169,16 +185,16 @@ def relabelled_real_baseline(model, dataset, steps, epochs, labels, inits, sourc
     targets = relabelled_targets(labels, dataset.num_classes, source, target, _dtype_of(inits[0]))
     pairs = baselines.pairs_of(sets, inits)
     lr = baselines.tune_lr(model.apply, pairs[:tune_draws], targets, epochs, dataset.x_train,
-                           attacked_labels(dataset.y_train, source, target), lr_grid)
+                           attacked_labels(dataset.y_train, source, target), lr_grid, momentum)
     after = train_relabelled(model, dataset, sets[:n_draws], labels, epochs, inits[:n_draws],
-                             source, target, lr)
+                             source, target, lr, momentum)
     measure = lambda nets: summarise(model.apply, nets, dataset.x_test, dataset.y_test, source,  # noqa: E731
                                      target, dataset.num_classes)
     return {"before": measure(inits[:n_draws]), "after": measure(after)}, lr
 
 
 def relabelled_real_tradeoff(model, dataset, steps, epochs, labels, inits, source, target,
-                             lr_grid=baselines.LR_GRID, n_draws=10, seed=0) -> list:
+                             lr_grid=baselines.LR_GRID, n_draws=10, seed=0, momentum=0.0) -> list:
     """[(lr, AttackSummary after training)] for every lr of ``lr_grid``, the same draws and
     networks for each: how attack success trades against the other classes' accuracy as the
     baseline's learning rate grows."""
@@ -186,7 +202,7 @@ def relabelled_real_tradeoff(model, dataset, steps, epochs, labels, inits, sourc
     sets = relabelled_real_sets(dataset, steps, labels, n_draws, seed)
     targets = relabelled_targets(labels, dataset.num_classes, source, target, _dtype_of(inits[0]))
     grid = baselines.train_grid(model.apply, baselines.pairs_of(sets, inits[:n_draws]), targets,
-                                epochs, lr_grid)     # every lr × draw as one computation
+                                epochs, lr_grid, momentum)   # every lr × draw as one computation
     return [(lr, summarise(model.apply, after, dataset.x_test, dataset.y_test, source, target,
                            dataset.num_classes)) for lr, after in zip(lr_grid, grid)]
 
@@ -196,14 +212,16 @@ def _dtype_of(params):
 
 
 def attack_report(model, dataset, x_steps, labels, lrs, inits, source, target, n_draws=10, seed=0,
-                  lr_grid=baselines.LR_GRID, tune_draws=3) -> dict:
+                  lr_grid=baselines.LR_GRID, tune_draws=3, momentum=0.0) -> dict:
     """What ``ddref distill --objective attack`` reports: the distilled set and the relabelled-
-    real baseline, before and after training, over the networks ``inits``; JSON-ready."""
+    real baseline, before and after training with the run's inner momentum β, over the
+    networks ``inits``; JSON-ready."""
     x_steps = np.asarray(x_steps)
-    distilled = evaluate_attack(model, dataset, x_steps, labels, lrs, inits, source, target)
+    distilled = evaluate_attack(model, dataset, x_steps, labels, lrs, inits, source, target,
+                                momentum)
     baseline, lr = relabelled_real_baseline(model, dataset, x_steps.shape[0], np.shape(lrs)[0],
                                             labels, inits, source, target, n_draws, seed, lr_grid,
-                                            tune_draws)
+                                            tune_draws, momentum)
     as_dict = lambda r: {k: v.to_dict() for k, v in r.items()}  # noqa: E731
     return {"source_class": int(source), "target_class": int(target),
             "distilled": as_dict(distilled), "relabelled_real": as_dict(baseline),

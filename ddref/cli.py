@@ -86,6 +86,13 @@ CONFIG_HELP = {
 }
 
 
+EXIT_STATUS = ("exit status: 0 done; 1 `ddref evaluate` ran but did not reproduce the accuracy "
+               "the run reported; 2 the command could not be done as asked — a bad option or "
+               "argument, a missing, damaged or unwritable file or folder, a size that cannot "
+               "fit, training that diverged — said in one sentence on stderr (argparse's usage "
+               "errors too); 130 interrupted (Ctrl-C), with what to run to continue.")
+
+
 def _add_config_options(parser):
     from ddref.distill import DistillConfig
 
@@ -162,7 +169,8 @@ def build_parser():
     common.add_argument("--threads", type=_whole_number(0), default=argparse.SUPPRESS, help=threads_help)
 
     parser = argparse.ArgumentParser(
-        prog="ddref", description="Dataset Distillation (Wang et al. 2018) in numpy + autograd.")
+        prog="ddref", description="Dataset Distillation (Wang et al. 2018) in numpy + autograd.",
+        epilog=EXIT_STATUS)
     parser.add_argument("--version", action="version", version=f"ddref {ddref.__version__}")
     parser.add_argument("--threads", type=_whole_number(0), default=1, help=threads_help)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,8 +256,8 @@ def _resumable():
 
 
 def cmd_distill(args):
-    from ddref.distill import Distiller, DistillConfig
-    from ddref.saved import check_run_folder, claim_run_folder
+    from ddref.distill import DistillConfig
+    from ddref.saved import lock_run_folder
 
     _import_what_the_end_of_a_run_needs()
 
@@ -258,6 +266,14 @@ def cmd_distill(args):
     if args.out is not None and not args.out.strip():
         raise ValueError("--out is empty; name the run folder, e.g. --out runs/my-run.")
     out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.init}")
+    with lock_run_folder(out):           # one run at a time in a folder, for the whole run
+        return _distill_in_locked_folder(args, given, config, out)
+
+
+def _distill_in_locked_folder(args, given, config, out):
+    from ddref.distill import Distiller
+    from ddref.saved import check_run_folder, claim_run_folder
+
     replace = check_run_folder(out, resume=args.resume, force=args.force)
     checkpoint = out / "checkpoint.npz"
     progress = not args.no_progress
@@ -303,7 +319,7 @@ def _import_what_the_end_of_a_run_needs():
 def _finish_run(out, distiller, baseline_draws, progress=True):
     """Evaluate the distilled set against random real images (and, for an attack, measure the
     attack against relabelled real images); write the set, metrics, figures."""
-    from ddref.evaluate import random_real_baseline
+    from ddref.baselines import random_real_baseline
     from ddref.saved import atomic_write_text, json_safe
 
     config = distiller.config
@@ -326,7 +342,7 @@ def _finish_run(out, distiller, baseline_draws, progress=True):
         baseline, baseline_lr = random_real_baseline(
             distiller.model, distiller.dataset, config.steps, config.epochs, distiller.labels,
             theta0=distiller.theta0, n_draws=baseline_draws, seed=config.seed,
-            dtype=config.dtype)
+            dtype=config.dtype, momentum=config.momentum)
     history = distiller.history
     metrics = {
         "distilled_accuracy": dataclasses.asdict(accuracy),
@@ -347,7 +363,7 @@ def _finish_run(out, distiller, baseline_draws, progress=True):
         metrics["attack"] = attack.attack_report(
             distiller.model, distiller.dataset, distilled.images, distilled.labels, distilled.lrs,
             distiller.evaluation_networks(), config.source_class, config.target_class,
-            n_draws=baseline_draws, seed=config.seed)
+            n_draws=baseline_draws, seed=config.seed, momentum=config.momentum)
     distilled.save(out / "distilled.npz")
     _draw(out, distilled, history, baseline.mean)
     atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=1))
@@ -389,8 +405,10 @@ def _distilled_path(run):
     run = Path(run)
     path = run / "distilled.npz" if run.is_dir() else run
     if not path.is_file():
-        raise SystemExit(f"ddref: error: {path} does not exist; give a run folder made by "
-                         f"`ddref distill` or its distilled.npz.")
+        from ddref.saved import SavedFileError
+
+        raise SavedFileError(f"{path} does not exist; give a run folder made by `ddref distill` "
+                             f"or its distilled.npz.")
     return path
 
 
@@ -416,8 +434,10 @@ def cmd_evaluate(args):
     if metrics_path.exists() and args.n_inits is None:
         reported = _reported_metrics(metrics_path)["distilled_accuracy"]
         if not isinstance(reported, dict) or not isinstance(reported.get("mean"), (int, float)):
-            raise SystemExit(f"ddref: error: {metrics_path} has no usable distilled_accuracy.mean; "
-                             f"re-create it with `ddref distill`.")
+            from ddref.saved import SavedFileError
+
+            raise SavedFileError(f"{metrics_path} has no usable distilled_accuracy.mean; "
+                                 f"re-create it with `ddref distill`.")
         same = abs(reported["mean"] - accuracy.mean) < 1e-9
         print(f"reported at the end of the run: {100 * reported['mean']:.2f}% "
               f"({'reproduced' if same else 'DIFFERENT'})")
@@ -426,17 +446,23 @@ def cmd_evaluate(args):
 
 
 def _evaluate_reuse(distilled, path, args):
-    """`evaluate --order` and `evaluate --model`: the set used another way (ddref.reuse)."""
+    """`evaluate --order` and `evaluate --model`: the set used another way (ddref.reuse), on
+    the networks the run itself is judged on (a pre-trained run: its own pool's networks)."""
     from ddref import reuse
     from ddref.distill import check_n_inits, prepared_for_evaluation
 
     config, dataset, model, x, lrs, theta0 = prepared_for_evaluation(distilled, source=str(path))
-    if args.model in (None, config.model):
+    pretrained_run = config.init in ("fixed-pretrained", "random-pretrained")
+    if args.model in (None, config.model) and not pretrained_run:
         check_n_inits(args.n_inits, config, str(path))
     n_inits = args.n_inits or config.eval_inits
     if args.model is not None and args.model != config.model:
         if args.order not in (None, "learned"):
             raise ValueError("--order with another --model: give one of them at a time.")
+        if pretrained_run:
+            raise ValueError(f"--model {args.model}: {path} was distilled for pre-trained "
+                             f"{config.model} networks ({config.init}), and there are no "
+                             f"pre-trained {args.model} networks to train on it; leave --model out.")
         result = reuse.other_architecture_accuracy(args.model, dataset, x, distilled.labels, lrs,
                                                    n_inits=n_inits, seed=config.seed,
                                                    momentum=config.momentum,
@@ -447,12 +473,29 @@ def _evaluate_reuse(distilled, path, args):
         print(f"  with a tuned constant lr ({result['lr']:g}): {result['tuned_lr']}")
         return 0
     order = args.order or "learned"
+    inits, on = None, ""
+    if pretrained_run:
+        inits, on = _pretrained_evaluation_networks(config, dataset, args.n_inits, str(path))
     accuracy, lr = reuse.order_accuracy(order, model, dataset, x, distilled.labels, lrs,
                                         theta0=theta0, n_inits=n_inits, seed=config.seed,
                                         momentum=config.momentum,
-                                        soft_labels=distilled.soft_labels)
-    print(f"test accuracy, {order} order{f' (tuned lr {lr:g})' if lr else ''}: {accuracy}")
+                                        soft_labels=distilled.soft_labels, inits=inits)
+    print(f"test accuracy, {order} order{f' (tuned lr {lr:g})' if lr else ''}{on}: {accuracy}")
     return 0
+
+
+def _pretrained_evaluation_networks(config, dataset, n_nets, source):
+    """The networks a pre-trained run is evaluated on (its fixed pre-trained θ0, or networks of
+    its held-out pool), checked against the pools it recorded; and a phrase naming them."""
+    from ddref import pretrained
+
+    if n_nets is not None and config.init == "fixed-pretrained":
+        raise ValueError(f"--n-inits applies to sets distilled for random initialisations; "
+                         f"{source} was distilled for one pre-trained network: leave --n-inits out.")
+    pools = pretrained.pools_for(config, dataset, held_out_nets=(
+        n_nets if n_nets and n_nets > config.eval_inits else None))
+    pool, ids = pretrained.evaluation_networks(config, pools, n_nets)
+    return pool.networks(ids, config.dtype), f" ({pool.meta['spec']['split']} pool, networks {ids})"
 
 
 def _evaluate_pretrained(distilled, path, n_nets):
@@ -460,7 +503,19 @@ def _evaluate_pretrained(distilled, path, n_nets):
     from ddref import pretrained
 
     metrics_path = path.parent / "metrics.json"
-    reported = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    reported = None
+    if metrics_path.exists():
+        from ddref.saved import read_json
+
+        reported = read_json(metrics_path, "metrics file",
+                             required=("random_real_accuracy", *pretrained.METRIC_NAMES))
+        if not all(isinstance(reported[k], dict) and isinstance(reported[k].get("mean"), (int, float))
+                   for k in pretrained.METRIC_NAMES) or not isinstance(
+                reported["random_real_accuracy"].get("n"), int):
+            from ddref.saved import SavedFileError
+
+            raise SavedFileError(f"{metrics_path} has unusable accuracies; re-create it with "
+                                 f"`ddref distill`.")
     draws = reported["random_real_accuracy"]["n"] if reported and n_nets is None else None
     metrics = pretrained.evaluate_saved(distilled, n_nets=n_nets, baseline_draws=draws)
     print(f"target test accuracy of pre-trained networks ({metrics['evaluated_on']['file']}, "
@@ -482,6 +537,8 @@ def cmd_show(args):
     path = _distilled_path(args.run)
     out = path.parent
     distilled = DistilledSet.load(path)
+    if distilled.classes is not None:      # labels must name one of the classes it stores
+        distilled.check(len(distilled.classes), source=path)
     metrics_path = out / "metrics.json"
     history, baseline = None, None
     if metrics_path.exists():
@@ -490,8 +547,10 @@ def cmd_show(args):
             history = History(**metrics["history"])
             baseline = float(metrics["random_real_accuracy"]["mean"])
         except (TypeError, KeyError, ValueError):
-            raise SystemExit(f"ddref: error: {metrics_path} has an unusable history or "
-                             f"random_real_accuracy; re-create it with `ddref distill`.") from None
+            from ddref.saved import SavedFileError
+
+            raise SavedFileError(f"{metrics_path} has an unusable history or "
+                                 f"random_real_accuracy; re-create it with `ddref distill`.") from None
     stem = "" if path.name == "distilled.npz" else path.stem + "-"
     print(f"drawing {path} …")
     _draw(out, distilled, history, baseline, stem)
@@ -505,13 +564,17 @@ def cmd_show(args):
 
 def cmd_train(args):
     from ddref import nn
-    from ddref.evaluate import accuracy_on, train_full
+    from ddref.evaluate import accuracy_on, check_trained, train_full
 
     dataset = data.load(args.dataset)
     model = nn.build_model(args.model, dataset.image_shape, dataset.num_classes)
     epochs = args.epochs if args.epochs is not None else (30 if args.dataset == "digits" else 15)
-    params = train_full(model, dataset, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
-                        seed=args.seed, progress=not args.no_progress)
+    import numpy as np
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # divergence is said below
+        params = train_full(model, dataset, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
+                            seed=args.seed, progress=not args.no_progress)
+        check_trained(model, params, dataset, f"--lr {args.lr:g}")   # one sentence if it diverged
     acc = accuracy_on(model.apply, params, dataset.x_test, dataset.y_test)
     print(f"{args.model} trained on all {len(dataset.y_train)} {args.dataset} training images "
           f"for {epochs} epochs: test accuracy {100 * acc:.2f}% ({len(dataset.y_test)} test images)")
@@ -602,7 +665,7 @@ def main(argv=None):
         from ddref.saved import SavedFileError
 
         errors = (data.DataError, DistillError, SavedFileError, ShapeError, ValueError,
-                  backend.BackendUnavailable)
+                  backend.BackendUnavailable, OSError)
     except (ValueError, ImportError, RuntimeError) as error:
         print(f"ddref: error: {error} (from DDREF_BACKEND={os.environ.get('DDREF_BACKEND')!r})"
               if "backend" in str(error).lower() else f"ddref: error: {error}", file=sys.stderr)

@@ -9,8 +9,9 @@
   one batched computation where the model allows it (the MLP), else one after the other.
 * :func:`evaluate_distilled` — accuracy of networks trained on a distilled set, from the
   fixed θ0 or as mean ± std over held-out random initialisations.
-* :func:`random_real_baseline` — the paper's baseline: the same number of random real
-  images, trained the same way, with one learning rate tuned on a small grid.
+
+The paper's random-real baseline lives with the other baselines,
+:func:`ddref.baselines.random_real_baseline` (this module knows nothing of them).
 """
 
 from __future__ import annotations
@@ -24,17 +25,21 @@ from tqdm import tqdm
 from ddref import backend, fused
 from ddref.losses import accuracy, cross_entropy, one_hot
 from ddref.optim import Adam  # noqa: F401  (the outer optimiser, also trains full-data networks)
-from ddref.unroll import check_finite, check_schedule, step_schedule, step_targets, unroll
+from ddref.unroll import (check_finite, check_nonnegative_lrs, check_schedule, step_schedule,
+                          step_targets, unroll)
 
 BASELINE_LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
 def predict(apply, params, x, batch_size=2048):
     """Logits for ``x`` (host or device array), computed in batches, as a host array."""
+    if len(x) == 0:
+        raise ValueError("no images to predict: x is empty (check the split or the slice).")
     outputs = []
-    for start in range(0, len(x), batch_size):
-        batch = backend.asarray(x[start: start + batch_size], dtype=_dtype_of(params))
-        outputs.append(backend.to_numpy(apply(params, batch)))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # callers check finiteness
+        for start in range(0, len(x), batch_size):
+            batch = backend.asarray(x[start: start + batch_size], dtype=_dtype_of(params))
+            outputs.append(backend.to_numpy(apply(params, batch)))
     return np.concatenate(outputs)
 
 
@@ -49,6 +54,28 @@ def accuracy_on(apply, params, x, y) -> float:
     if not np.isfinite(logits).all():
         raise _diverged()
     return accuracy(logits, y)
+
+
+DIVERGED_FACTOR = 10    # a training loss above 10 × ln K is divergence, not slow learning
+
+
+def check_trained(model, params, dataset, setting):
+    """Raise :class:`TrainingDiverged` when the network's cross-entropy on the training split
+    is not finite or is far above chance level ln K (what a network that learned nothing
+    scores; above ``DIVERGED_FACTOR`` × ln K): training diverged, and its test accuracy would
+    be a meaningless number.  ``setting`` names the option to change, e.g. ``"--lr 1e+06"``."""
+    import math
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        logits = predict(model.apply, params, dataset.x_train)
+        loss = float(cross_entropy(logits, one_hot(dataset.y_train, dataset.num_classes,
+                                                   str(logits.dtype))))
+    chance = math.log(dataset.num_classes)
+    if not math.isfinite(loss) or loss > DIVERGED_FACTOR * chance:
+        raise TrainingDiverged(
+            f"training diverged: the training loss at the end is {loss:.3g}, far above chance "
+            f"level {chance:.2f} (ln {dataset.num_classes}); {setting} is too large, try a "
+            f"smaller one.")
 
 
 def _diverged():
@@ -103,10 +130,13 @@ def train_on_steps(apply, theta0, x_steps, targets, lrs, momentum=0.0):
     dtype = _dtype_of(theta0)
     args = (apply, theta0, backend.asarray(x_steps, dtype=dtype),
             backend.asarray(targets, dtype=dtype), backend.asarray(lrs, dtype=dtype))
-    if momentum:
-        from ddref.reversible import momentum_unroll
-        return momentum_unroll(*args, momentum=momentum)
-    return unroll(*args)
+    check_nonnegative_lrs(args[4])
+    # a diverging network overflows quietly here: accuracy_on / accuracies_on say so in a sentence
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if momentum:
+            from ddref.reversible import momentum_unroll
+            return momentum_unroll(*args, momentum=momentum)
+        return unroll(*args)
 
 
 # ---------------------------------------------------------------------------- many networks at once
@@ -131,6 +161,8 @@ def train_many(apply, theta0s, x_steps, targets, lrs, momentum=0.0):
     network that diverges does not disturb the others: its weights turn non-finite (judge it
     with :func:`accuracies_on`).  Other models are trained one after the other."""
     k = len(theta0s)
+    if k == 0:
+        raise ValueError("no networks to train: give at least one θ0 (n_inits ≥ 1).")
     sets = _one_per_network("x_steps", x_steps, k, 5)
     schedules = _one_per_network("lrs", lrs, k, 2)
     fast = fused.gradient_for(apply, cross_entropy)
@@ -174,6 +206,7 @@ def _check_stackable(sets, schedules, momentum):
         check_schedule(backend.asarray(x), backend.asarray(schedule))
         check_finite("the distilled images", backend.asarray(x))
         check_finite("the learning rates", backend.asarray(schedule))
+        check_nonnegative_lrs(backend.asarray(schedule))
     if momentum:
         from ddref.reversible import check_momentum
         check_momentum(momentum)
@@ -215,6 +248,9 @@ def accuracies_on(apply, nets, x, y, diverged="raise"):
     or scores NaN (``diverged="nan"``) without disturbing the others."""
     if diverged not in ("raise", "nan"):
         raise ValueError(f"diverged must be 'raise' or 'nan', got {diverged!r}.")
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"accuracy needs as many labels as images, and at least one; got "
+                         f"{len(x)} images and {len(y)} labels.")
     fast = fused.gradient_for(apply, cross_entropy)
     stackable = fast is not None and fast.stackable and len(nets) > 1
     scores, finite = [], []
@@ -265,14 +301,23 @@ class Accuracy:
     @classmethod
     def of(cls, values):
         values = np.asarray(values, dtype=float)
+        if values.ndim != 1 or values.size == 0:
+            raise ValueError(f"an accuracy is the mean of one or more networks' values; got "
+                             f"{values.size} values of shape {values.shape}.")
         return cls(float(values.mean()), float(values.std()), len(values),
                    tuple(float(v) for v in values))
 
 
 def held_out_inits(model, n, seed, dtype):
     """``n`` fresh initialisations θ0 ~ p(θ0) from a seed that training never uses."""
+    _check_count("n_inits", n)
     rng = backend.rng(np.random.SeedSequence([seed, 0xE7A1]))
     return [model.init(rng, dtype=dtype) for _ in range(n)]
+
+
+def _check_count(name, n):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1 (networks to train), got {n!r}.")
 
 
 def evaluate_distilled(model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10, seed=0,
@@ -301,25 +346,3 @@ def sample_real_steps(dataset, steps, labels, rng):
                   for c in range(dataset.num_classes) if counts[c]}
         picks.append([chosen[c].pop() for c in labels])
     return dataset.x_train[np.asarray(picks)]
-
-
-def random_real_baseline(model, dataset, steps, epochs, labels, theta0=None, n_draws=10,
-                         seed=0, dtype="float32", lr_grid=BASELINE_LR_GRID, tune_draws=3,
-                         inits=None):
-    """The paper's baseline: ``steps`` groups of random real images with the same labels as
-    the distilled set, trained for the same steps and epochs with one learning rate, from
-    ``theta0``, the networks ``inits`` (draw d from ``inits[d % len(inits)]``; pre-trained
-    networks) or held-out initialisations.  The learning rate is the grid value with the
-    best mean *training-split* accuracy over the first ``tune_draws`` draws
-    (:mod:`ddref.baselines` holds the logic).  Returns (Accuracy on the test split, chosen lr)."""
-    from ddref import baselines
-
-    n = max(n_draws, tune_draws)
-    if inits is not None:
-        inits = [inits[d % len(inits)] for d in range(n)]
-    else:
-        inits = [theta0] if theta0 is not None else held_out_inits(model, n, seed, dtype)
-    sets = baselines.baseline_sets("random_real", model, dataset, steps, epochs, labels, inits,
-                                   n_draws, seed, lr_grid, tune_draws)
-    return baselines.as_training_data(model, dataset, sets, labels, epochs, inits, lr_grid,
-                                      tune_draws, n_pairs=n_draws)

@@ -63,7 +63,12 @@ def initial_logits(labels, num_classes, steps, dtype="float32", confidence=INITI
     if form == "free":
         scale = 1.0
     else:
+        if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
+            raise ValueError(f"confidence (--label-init) must lie strictly between 0 and 1, the "
+                             f"starting probability of each image's class; got {confidence!r}.")
         scale = math.log(confidence * (num_classes - 1) / (1 - confidence)) if num_classes > 1 else 0.0
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a whole number of at least 1, got {steps!r}.")
     hard = scale * one_hot(labels, num_classes, dtype)
     return backend.xp().stack([hard] * steps).astype(dtype)
 
@@ -139,5 +144,7 @@ def plot_soft_labels(soft_labels, class_names=None, title=None, path=None, max_s
     ax.set_title(title or f"learned label {kind} (rows: images, step by step)", fontsize=10)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
+        from ddref.plot import save_figure
+
+        save_figure(fig, path, dpi=110)
     return fig

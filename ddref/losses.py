@@ -6,6 +6,7 @@ from __future__ import annotations
 import numbers
 
 import autograd.numpy as anp
+import numpy as np
 from autograd.tracer import getval
 
 from ddref import backend
@@ -25,11 +26,27 @@ def one_hot(labels, num_classes, dtype="float64"):
     """Integer labels (N,) → one-hot rows (N, num_classes) on the selected backend.
     A label outside 0..num_classes−1 is a ValueError (it would be an all-zero row)."""
     xp = backend.xp()
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f"num_classes must be a whole number of at least 1, got {num_classes!r}.")
     labels = backend.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be one integer per image, shape (N,); got shape "
+                         f"{tuple(labels.shape)}.")
+    if labels.dtype.kind not in "iu":
+        if labels.dtype.kind != "f" or not bool((labels == xp.floor(labels)).all()):
+            raise ValueError(f"labels must be whole class numbers; got {labels.dtype} values "
+                             f"such as {_first_fraction(labels)}: round them or use learned labels.")
+        labels = labels.astype(int)
     if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in 0..{num_classes - 1} for {num_classes} classes; "
                          f"got {int(labels.min())}..{int(labels.max())}: check num_classes or the labels.")
     return (labels[:, None] == xp.arange(num_classes)[None, :]).astype(dtype)
+
+
+def _first_fraction(labels):
+    values = backend.to_numpy(labels).ravel()
+    odd = values[values != values.astype(int)] if values.dtype.kind == "f" else values
+    return odd[0] if odd.size else values[:1]
 
 
 def cross_entropy(logits, targets):
@@ -38,6 +55,9 @@ def cross_entropy(logits, targets):
     labels; a dense target keeps the gradient free of scatter operations)."""
     # sum / N rather than mean: autograd's rule for mean divides by an int64 count, which
     # numpy 2 promotes to float64 and would silently turn float32 gradients into float64
+    if logits.shape[0] == 0 or tuple(targets.shape) != tuple(logits.shape):
+        raise ValueError(f"cross_entropy needs logits (N, K) with N ≥ 1 and targets of the same "
+                         f"shape; got logits {tuple(logits.shape)} and targets {tuple(targets.shape)}.")
     return -anp.sum(targets * log_softmax(logits)) / logits.shape[0]
 
 
@@ -49,8 +69,11 @@ def squared_error(outputs, targets):
 
 def accuracy(logits, labels) -> float:
     """Fraction of rows whose arg-max equals the integer label."""
-    predictions = backend.to_numpy(logits).argmax(axis=1)
-    return float((predictions == backend.to_numpy(labels)).mean())
+    logits, labels = backend.to_numpy(logits), backend.to_numpy(labels)
+    if logits.ndim != 2 or len(logits) == 0 or np.shape(labels) != (len(logits),):
+        raise ValueError(f"accuracy needs logits (N, K) with N ≥ 1 and N labels; got logits "
+                         f"{logits.shape} and labels {np.shape(labels)}.")
+    return float((logits.argmax(axis=1) == labels).mean())
 
 
 def attack_targets(labels, num_classes, source_class, target_class, dtype="float64"):

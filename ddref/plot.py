@@ -22,10 +22,19 @@ def to_pixels(images, mean, std):
     return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
 
 
+def save_figure(fig, path, **options):
+    """Save ``fig`` to ``path`` (format from its suffix) atomically; a folder or disk that
+    cannot take it is one sentence naming the path (:func:`ddref.saved.write_atomically`)."""
+    from ddref.saved import write_atomically
+
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    write_atomically(path, lambda stream: fig.savefig(stream, format=fmt, **options))
+
+
 def _finish(fig, path):
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        save_figure(fig, path, dpi=120, bbox_inches="tight")
     return fig
 
 
@@ -57,6 +66,10 @@ def plot_distilled(distilled, class_names=None, title=None, path=None):
     learned learning rate of that step in every epoch written beside the row."""
     steps = distilled.images.shape[0]
     names = class_names if class_names is not None else [str(c) for c in range(int(distilled.labels.max()) + 1)]
+    if len(distilled.labels) and not 0 <= int(distilled.labels.min()) <= int(distilled.labels.max()) < len(names):
+        raise ValueError(f"the set's labels run {int(distilled.labels.min())}..{int(distilled.labels.max())} "
+                         f"but there are {len(names)} class names (classes 0..{len(names) - 1}); "
+                         f"the set is damaged — make it again with `ddref distill`.")
     col_labels = [names[int(c)] for c in distilled.labels]
     row_labels = [f"step {s + 1}\nη̃ " + ", ".join(f"{lr:.3f}" for lr in distilled.lrs[:, s])
                   for s in range(steps)]

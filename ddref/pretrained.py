@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,10 @@ from tqdm import tqdm
 
 import ddref
 from ddref import backend, data, nn, transforms
-from ddref.evaluate import (Accuracy, accuracies_on, accuracy_on, evaluate_distilled,
-                            random_real_baseline, train_full)
+from ddref.baselines import random_real_baseline
+from ddref.saved import check_folder_writable, write_atomically
+from ddref.evaluate import (Accuracy, accuracies_on, accuracy_on, check_trained, evaluate_distilled,
+                            train_full)
 
 PRETRAINED_MODES = ("fixed-pretrained", "random-pretrained")
 SPLITS = ("train", "held-out")
@@ -153,8 +156,10 @@ def train_pool(spec: PoolSpec, dataset: data.Dataset | None = None, progress=Tru
     params, train_acc, test_acc = [], [], []
     for seed in tqdm(spec.seeds(), desc=f"pretrain {spec.n_nets} {spec.model} on {spec.source}",
                      unit="net", disable=not progress, dynamic_ncols=True):
-        p = train_full(model, dataset, epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
-                       seed=seed, dtype=POOL_DTYPE, progress=False)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # said just below
+            p = train_full(model, dataset, epochs=spec.epochs, batch_size=spec.batch_size,
+                           lr=spec.lr, seed=seed, dtype=POOL_DTYPE, progress=False)
+        check_trained(model, p, dataset, f"the pre-training lr {spec.lr:g} (--lr / --pretrain-lr)")
         params.append({k: backend.to_numpy(v) for k, v in p.items()})
         train_acc.append(accuracy_on(model.apply, p, dataset.x_train, dataset.y_train))
         test_acc.append(accuracy_on(model.apply, p, dataset.x_test, dataset.y_test))
@@ -194,20 +199,17 @@ def checksum(arrays: dict) -> str:
 def write_npz(path, arrays: dict):
     """An ``.npz`` that ``np.load`` reads, written so that the same arrays give the same bytes:
     sorted entries with a fixed timestamp (``np.savez`` stamps each entry with the current
-    time), to a temporary file renamed into place (a crash leaves no half-written pool)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as stream:
+    time), to a temporary file renamed into place (a crash or a full disk leaves no
+    half-written pool and no temporary file; the failure is one sentence)."""
+    def write(stream):
         with zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED) as archive:
             for key in sorted(arrays):
                 info = zipfile.ZipInfo(key + ".npy", date_time=_ZIP_TIME)
                 info.external_attr = 0o644 << 16
                 with archive.open(info, "w", force_zip64=True) as entry:
                     np.lib.format.write_array(entry, np.asarray(arrays[key]), allow_pickle=False)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
+
+    write_atomically(path, write)
 
 
 def save_pool(pool: Pool, path) -> Pool:
@@ -259,10 +261,56 @@ def get_pool(spec: PoolSpec, root=None, progress=True, log=print) -> tuple:
                             f"delete it and run the command again.")
         return pool, False
     source = data.load(spec.source, dtype=POOL_DTYPE)  # one clear error first if it cannot be had
+    check_folder_writable(path.parent, "the pre-trained pool folder")   # before, not after, training
+    check_pool_fits(spec, path.parent)
     log(f"no pre-trained {spec.split} pool of {spec.n_nets} {spec.model} networks on "
         f"{spec.source} at {path}: training it now ({spec.epochs} epochs of Adam, lr {spec.lr:g}, "
         f"batch {spec.batch_size}, seeds {spec.seeds()[0]}…{spec.seeds()[-1]}).")
     return save_pool(train_pool(spec, source, progress), path), True
+
+
+def pool_bytes(spec: PoolSpec) -> int:
+    """The bytes of the pool's parameters: n_nets × (parameters of one network) × 4 (float32).
+    Training holds them all in memory until the file is written, and the file is as large."""
+    model = nn.build_model(spec.model, spec.image_shape, spec.num_classes)
+    per_net = sum(int(np.prod(shape)) for shape in model.init.shapes.values())
+    return spec.n_nets * per_net * np.dtype(POOL_DTYPE).itemsize
+
+
+def available_memory():
+    """Bytes of memory available to a new allocation (Linux: MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_pool_fits(spec: PoolSpec, folder):
+    """Refuse, before any network is trained, a pool larger than the memory available now or
+    the free space of ``folder``, with the numbers."""
+    need = pool_bytes(spec)
+    room = {"of memory is available": available_memory()}
+    try:
+        room[f"is free on the disk of {folder}"] = shutil.disk_usage(folder).free
+    except OSError:
+        pass
+    for where, have in room.items():
+        if have is not None and need > have:
+            raise PoolError(
+                f"a pool of {spec.n_nets:,} {spec.model} networks holds {_gb(need)} of parameters "
+                f"but only {_gb(have)} {where}; choose fewer --nets / --pool-nets "
+                f"(at most about {max(1, spec.n_nets * have // need):,}).")
+
+
+def _gb(n):
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def list_pools(root=None) -> list:
@@ -337,8 +385,10 @@ def _check_recorded(recorded: str, pool: Pool):
 
 
 def evaluate(model, target: data.Dataset, x_steps, labels, lrs, nets, seed=0, baseline_draws=None,
-             fine_tune_epochs=FINE_TUNE_EPOCHS, fine_tune_lr=1e-3, progress=False) -> dict:
-    """The pre-trained-mode metrics on the target test split, mean ± std over ``nets``:
+             fine_tune_epochs=FINE_TUNE_EPOCHS, fine_tune_lr=1e-3, progress=False,
+             momentum=0.0) -> dict:
+    """The pre-trained-mode metrics on the target test split, mean ± std over ``nets``
+    (the distilled and random-real steps trained with the run's inner momentum β):
 
     before_accuracy       the networks as they are;
     distilled_accuracy    after training on the distilled steps (x_steps, lrs);
@@ -349,11 +399,12 @@ def evaluate(model, target: data.Dataset, x_steps, labels, lrs, nets, seed=0, ba
     dtype = str(backend.to_numpy(x_steps).dtype)
     steps, epochs = x_steps.shape[0], lrs.shape[0]
     before = accuracies_on(model.apply, nets, target.x_test, target.y_test)
-    distilled = evaluate_distilled(model, target, x_steps, labels, lrs, inits=nets)
+    distilled = evaluate_distilled(model, target, x_steps, labels, lrs, inits=nets,
+                                   momentum=momentum)
     with np.errstate(over="ignore", invalid="ignore"):  # the lr grid's largest values diverge
         baseline, baseline_lr = random_real_baseline(
             model, target, steps, epochs, labels, inits=nets, n_draws=baseline_draws or len(nets),
-            seed=seed, dtype=dtype)
+            seed=seed, dtype=dtype, momentum=momentum)
     full = []
     for i, th in enumerate(tqdm(nets, desc="fine-tune on the target", disable=not progress)):
         tuned = train_full(model, target, epochs=fine_tune_epochs, lr=fine_tune_lr, seed=seed + i,
@@ -383,7 +434,7 @@ def evaluate_run(config, model, target, x_steps, labels, lrs, pools: RunPools, n
     x = backend.asarray(x_steps, dtype=config.dtype)
     metrics = evaluate(model, target, x, labels, backend.asarray(lrs, dtype=config.dtype),
                        pool.networks(ids, config.dtype), seed=config.seed,
-                       baseline_draws=baseline_draws, progress=progress)
+                       baseline_draws=baseline_draws, progress=progress, momentum=config.momentum)
     metrics["evaluated_on"] = {"pool": pool.meta["spec"]["split"], "file": pool.path.name,
                                "network_ids": ids}
     return metrics

@@ -31,8 +31,13 @@ from ddref.unroll import sgd_step
 ORDERS = ("learned", "shuffled", "pool")
 
 
-def networks_to_train(model, theta0, n_inits, seed, dtype):
-    """The θ0 of each evaluation: the stored fixed θ0, else held-out random initialisations."""
+def networks_to_train(model, theta0, n_inits, seed, dtype, inits=None):
+    """The θ0 of each evaluation: the networks ``inits`` when given (a pre-trained run's own
+    evaluation networks), the stored fixed θ0, else held-out random initialisations."""
+    if inits is not None:
+        if not len(inits):
+            raise ValueError("inits is empty: give at least one network to train.")
+        return list(inits)
     return [theta0] if theta0 is not None else held_out_inits(model, n_inits, seed, dtype)
 
 
@@ -68,12 +73,12 @@ def train_on_ordered_steps(model, theta0, x_steps, labels, lrs, order, momentum=
 
 
 def shuffled_order_accuracy(model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10,
-                            n_orders=10, seed=0, momentum=0.0, soft_labels=None):
+                            n_orders=10, seed=0, momentum=0.0, soft_labels=None, inits=None):
     """Test accuracy with the steps visited in ``n_orders`` random orders (each order paired
-    with one network: the fixed θ0, or held-out inits in turn)."""
+    with one network: the fixed θ0, or ``inits`` / held-out inits in turn)."""
     dtype = str(x_steps.dtype)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x0DE5]))
-    inits = networks_to_train(model, theta0, n_inits, seed, dtype)
+    inits = networks_to_train(model, theta0, n_inits, seed, dtype, inits)
     n = max(n_orders, len(inits))
     orders = [rng.permutation(len(x_steps)) for _ in range(n)]
     starts = [inits[i % len(inits)] for i in range(n)]
@@ -106,7 +111,7 @@ def train_on_pool(model, theta0, images, targets, batch_size, n_steps, lr, rng):
 
 
 def pool_accuracy(model, dataset, x_steps, labels, epochs, theta0=None, n_inits=10, seed=0,
-                  lr_grid=BASELINE_LR_GRID, soft_labels=None):
+                  lr_grid=BASELINE_LR_GRID, soft_labels=None, inits=None):
     """The distilled images as an unordered data set: E·S minibatch steps of n images each
     (the same budget as the learned schedule), the constant lr with the best *training-split*
     accuracy on the grid.  Returns (Accuracy on the test split, chosen lr)."""
@@ -117,7 +122,7 @@ def pool_accuracy(model, dataset, x_steps, labels, epochs, theta0=None, n_inits=
         pool_targets = one_hot(np.tile(np.asarray(labels), steps), model.num_classes, dtype)
     else:                            # image i of step s keeps its own learned label
         pool_targets = np.asarray(soft_labels, dtype=dtype).reshape(steps * n, -1)
-    inits = networks_to_train(model, theta0, n_inits, seed, dtype)
+    inits = networks_to_train(model, theta0, n_inits, seed, dtype, inits)
 
     def trained(lr):
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x9001]))
@@ -135,23 +140,26 @@ def pool_accuracy(model, dataset, x_steps, labels, epochs, theta0=None, n_inits=
 
 
 def order_accuracy(order, model, dataset, x_steps, labels, lrs, theta0=None, n_inits=10, seed=0,
-                   momentum=0.0, soft_labels=None):
+                   momentum=0.0, soft_labels=None, inits=None):
     """Accuracy (and, for ``pool``, the tuned lr; else None) of one way of ordering the set.
     ``momentum`` is the inner loop's β, used by the learned and shuffled schedules; the pool is
-    trained by plain minibatch SGD.  ``soft_labels``: the set's learned labels, if it has them."""
+    trained by plain minibatch SGD.  ``soft_labels``: the set's learned labels, if it has them.
+    ``inits``: the networks to train (a pre-trained run's evaluation networks); default the
+    fixed θ0 or ``n_inits`` held-out random initialisations."""
     if order not in ORDERS:
         raise ValueError(f"--order must be one of {', '.join(ORDERS)}; got {order!r}.")
     if order == "learned":
         dtype = str(x_steps.dtype)
-        inits = networks_to_train(model, theta0, n_inits, seed, dtype)
+        inits = networks_to_train(model, theta0, n_inits, seed, dtype, inits)
         trained = train_many(model.apply, inits, x_steps,
                              set_targets(labels, model.num_classes, dtype, soft_labels), lrs, momentum)
         return _test_accuracy(model, dataset, trained), None
     if order == "shuffled":
         return shuffled_order_accuracy(model, dataset, x_steps, labels, lrs, theta0, n_inits,
-                                       seed=seed, momentum=momentum, soft_labels=soft_labels), None
+                                       seed=seed, momentum=momentum, soft_labels=soft_labels,
+                                       inits=inits), None
     return pool_accuracy(model, dataset, x_steps, labels, lrs.shape[0], theta0, n_inits, seed,
-                         soft_labels=soft_labels)
+                         soft_labels=soft_labels, inits=inits)
 
 
 # ---------------------------------------------------------------------------- other architectures

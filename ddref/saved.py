@@ -4,8 +4,10 @@
   θ0 for fixed init, the normalisation and the config (``distilled.npz``).
 * checkpoints — the full state of Algorithm 1 between two outer iterations
   (``checkpoint.npz``), see :meth:`ddref.distill.Distiller.save_checkpoint`.
-* the run folder — :func:`prepare_run_folder` decides, before anything is computed, whether
-  ``--out`` may be written, so that a finished run is never overwritten unasked.
+* the run folder — :func:`check_run_folder` decides, before anything is computed, whether
+  ``--out`` may be written, so that a finished run is never overwritten unasked, and
+  :func:`lock_run_folder` holds it for one run at a time (an exclusive ``flock`` on
+  ``OUT/.lock``, which the kernel drops when the process ends, however it ends).
 
 Every file is written to a temporary name and renamed into place, so a crash or Ctrl-C never
 leaves half a file; every file is read with ``allow_pickle=False`` and checked before use, and
@@ -14,6 +16,7 @@ a bad one gets one sentence naming the file and the fix.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -32,27 +35,70 @@ class SavedFileError(RuntimeError):
 # ---------------------------------------------------------------------------- files
 
 
+def write_atomically(path, write, mode="wb"):
+    """Write ``path`` through ``write(stream)`` into ``PATH.tmp``, then rename it into place,
+    so that a crash never leaves half a file.  Any failure of the disk or the folder (full,
+    read-only, not a folder, no permission) is one :class:`SavedFileError` sentence naming
+    the path, and the temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        _remove(tmp)
+        raise write_error(path, error) from None
+    except BaseException:     # Ctrl-C or a failing writer: never a .tmp left behind either
+        _remove(tmp)
+        raise
+
+
+def _remove(path):
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def write_error(path, error):
+    """One sentence for an OSError met writing ``path``, with the fix."""
+    fix = {errno.ENOSPC: "free some disk space (or choose a folder on another disk) and run "
+                         "the command again",
+           errno.EDQUOT: "free some of your disk quota and run the command again",
+           errno.EROFS: "the disk is read-only: choose a folder on a writable disk"}.get(
+        error.errno, "make the folder writable or choose another one, and run the command again")
+    return SavedFileError(f"could not write {path} ({error.strerror or error}); {fix}.")
+
+
 def atomic_savez(path, arrays):
     """Write an .npz file so that a crash never leaves a half-written file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def atomic_write_text(path, text):
     """Write a text file atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(text), mode="w")
+
+
+def check_folder_writable(folder, what, fix="make it writable, or set DDREF_DATA to a folder you "
+                                            "can write to, before anything is trained"):
+    """Create ``folder`` if needed and write (then remove) a small file in it, so that a folder
+    that cannot take a file is found before anything is computed for it."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ddref-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise SavedFileError(f"{what} {folder} cannot be written ({error.strerror or error}); "
+                             f"{fix}.") from None
 
 
 def load_npz(path, what):
@@ -227,10 +273,94 @@ class DistilledSet:
 
 RUN_FILES = ("distilled.npz", "distilled.png", "curves.png", "metrics.json", "checkpoint.npz",
              "pools.json", "labels.png")
+LOCK_FILE = ".lock"
 
 
 def _is_run_file(name):
     return name in RUN_FILES or (name.endswith(".tmp") and name[:-4] in RUN_FILES)
+
+
+class RunFolderLock:
+    """An exclusive lock on a run folder, held from :func:`lock_run_folder` until
+    :meth:`release` (or the end of the process: the kernel releases a ``flock`` when its
+    holder dies, so a killed run never blocks the next one)."""
+
+    def __init__(self, out, fd, created):
+        self.out, self.fd, self.created = Path(out), fd, created
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:
+            (self.out / LOCK_FILE).unlink(missing_ok=True)
+            if self.created and not any(self.out.iterdir()):
+                self.out.rmdir()         # a run that never started leaves no empty folder
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_run_folder(out):
+    """Create ``out`` if needed and take its lock, or say in one sentence which process holds
+    it.  A second ``ddref distill`` on the same --out, or a ``--resume`` of a run still going,
+    is refused here, before anything is read or computed."""
+    out = Path(out)
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise SavedFileError(f"--out {out}: {parent} is a file, not a folder; choose another --out.")
+    created = not out.exists()
+    path = out / LOCK_FILE
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_flock(fd):
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise SavedFileError(
+                    f"--out {out} is in use by another ddref run ({holder}); wait for it to end "
+                    f"or stop it, or choose another --out.")
+            try:                 # a run that just ended may have unlinked the file we locked
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as error:
+        raise SavedFileError(f"--out {out} cannot be written ({error.strerror or error}); "
+                             f"choose a folder you can write to.") from None
+    return RunFolderLock(out, fd, created)
+
+
+def _try_flock(fd):
+    try:
+        import fcntl
+    except ImportError:          # no flock on this platform: one run at a time is up to the user
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _lock_holder(fd):
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        pid = ""
+    return f"process {pid}" if pid.isdigit() else "a process that is still starting"
 
 
 def check_run_folder(out, resume=False, force=False):
@@ -254,7 +384,7 @@ def check_run_folder(out, resume=False, force=False):
                                  f"without --resume (or check --out).")
         _check_writable(out)
         return []
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
     present = [name for name in entries if _is_run_file(name)]
     others = [name for name in entries if not _is_run_file(name)]
     if present and not force:

@@ -54,6 +54,7 @@ from tqdm import tqdm
 import ddref
 from ddref import baselines, data, nn
 from ddref.evaluate import Accuracy, accuracy_on, held_out_inits, train_full
+from ddref.saved import write_atomically
 
 TRAINING_METHODS = ("distilled", "random_real", "optimised_real", "kmeans", "average")
 METHODS = TRAINING_METHODS + ("full_data",)
@@ -246,7 +247,8 @@ def _baseline_rows(grid, cell, config, dataset, model, folder, progress):
     result = baselines.run_baseline(
         cell.method, model, dataset, config.steps, config.epochs, labels, inits,
         n_draws=grid.n_draws, seed=config.seed, tune_draws=grid.tune_draws,
-        n_candidates=grid.n_candidates, score_inits=score_inits, kmeans_draws=grid.kmeans_draws)
+        n_candidates=grid.n_candidates, score_inits=score_inits, kmeans_draws=grid.kmeans_draws,
+        momentum=config.momentum)
     return {cell.method: _row(result.training, lr=result.lr),
             f"knn_{cell.method}": _row(result.nearest_neighbour)}
 
@@ -260,26 +262,69 @@ def _full_data_rows(grid, cell, config, dataset, model, folder, progress):
 
 
 def write_json_atomic(path, value):
-    """Write JSON so that a crash never leaves a half-written file where a result should be."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON so that a crash never leaves a half-written file where a result should be
+    (a full or unwritable disk is one sentence naming the file, and no temporary file stays)."""
+    write_atomically(path, lambda f: json.dump(value, f, indent=1), mode="w")
 
 
 # ---------------------------------------------------------------------------- the grid
 
 
 def stored_result(grid, cell, out):
-    """The cell's stored result, or None when it is missing or was made with other settings."""
+    """The cell's stored result, or None when it is missing or was made with other settings;
+    a damaged file is one sentence naming it and the fix (:func:`check_result`)."""
     path = Path(out) / "cells" / cell.name / "result.json"
     if not path.exists():
         return None
-    result = json.loads(path.read_text())
+    result = check_result(path)
     return result if result["settings"] == cell_settings(grid, cell) else None
+
+
+def check_result(path):
+    """A cell's ``result.json`` as written by :func:`run_cell`: {"settings": {…}, "rows":
+    {method: {"mean", "std", "n", …}}, "seconds": s}, else a :class:`SavedFileError`."""
+    from ddref.saved import SavedFileError
+
+    def damaged(why):
+        return SavedFileError(f"{path} is damaged ({why}); delete the folder {path.parent} and "
+                              f"run the same command again to recompute that cell.")
+
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise damaged(f"not readable JSON: {error.__class__.__name__}") from None
+    if not isinstance(result, dict) or not isinstance(result.get("settings"), dict):
+        raise damaged("no settings object")
+    if not isinstance(result.get("rows"), dict) or not result["rows"]:
+        raise damaged("no rows")
+    for method, row in result["rows"].items():
+        numbers = isinstance(row, dict) and all(
+            isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+            for k in ("mean", "std", "n"))
+        if not numbers:
+            raise damaged(f"row {method!r} lacks a numeric mean, std and n")
+    if not isinstance(result.get("seconds"), (int, float)):
+        raise damaged("no seconds")
+    return result
+
+
+def worker_count(jobs, n_cells):
+    """joblib workers for ``n_cells`` cells: ``jobs`` (−1: every CPU), never more than the
+    cells or the CPUs (an idle worker costs a process and its memory)."""
+    cpus = os.cpu_count() or 1
+    wanted = cpus if jobs == -1 else jobs
+    return max(1, min(wanted, n_cells, cpus))
+
+
+def check_out(out):
+    """``out`` must be a folder (or creatable as one) that takes files, before any cell runs."""
+    from ddref.saved import SavedFileError, check_folder_writable
+
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise SavedFileError(f"--out {out}: {parent} is a file, not a folder; choose another --out.")
+    check_folder_writable(out / "cells", "--out folder",
+                          fix="make it writable or choose another --out")
 
 
 def select(cells, only):
@@ -301,8 +346,10 @@ def run_grid(grid, out, jobs=1, only=None, progress=True, log=print):
 
     check_grid(grid)
     out = Path(out)
+    check_out(out)
     cells = select(grid.cells(), only)
     missing = [c for c in cells if stored_result(grid, c, out) is None]
+    jobs = worker_count(jobs, len(missing))
     log(f"{len(cells) - len(missing)} of {len(cells)} cells already in {out}/cells; "
         f"computing {len(missing)} with {jobs} job(s)")
     for cell in missing:   # stale or half-made: start the cell afresh
@@ -368,7 +415,7 @@ def write_outputs(grid, out):
     table = {"grid": grid.name, "command": grid_command(grid, out), "version": ddref.__version__,
              "settings": dataclasses.asdict(grid), "missing_cells": missing, "rows": rows}
     write_json_atomic(out / "table.json", table)
-    (out / "table.md").write_text(markdown(grid, rows, missing))
+    write_atomically(out / "table.md", lambda f: f.write(markdown(grid, rows, missing)), mode="w")
     figure(grid, rows, out / "table.png")
 
 
@@ -483,8 +530,12 @@ def figure(grid, rows, path):
         ax.legend(fontsize=8, loc="lower left")
     fig.suptitle(f"ddref table --grid {grid.name}: test accuracy, mean ± std "
                  f"(dashed: the distilled set, trained on)", fontsize=10)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from ddref.plot import save_figure
+
+    try:
+        save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -106,6 +106,14 @@ def check_finite(name, array):
                          f"and start from finite values.")
 
 
+def check_nonnegative_lrs(lrs):
+    """One clear ValueError if a learning rate is negative (a negative rate climbs the loss
+    instead of descending it; 0 leaves a step out)."""
+    if bool((lrs < 0).any()):
+        raise ValueError(f"learning rates must be 0 or more (a negative rate climbs the loss); "
+                         f"the smallest given is {float(lrs.min()):.3g}.")
+
+
 def step_targets(targets, s):
     """The targets of step s: ``targets`` itself when shared by every step (n, K), else its
     row s (per-step targets (S, n, K), e.g. learned soft labels, :mod:`ddref.labels`)."""
@@ -124,6 +132,7 @@ def unroll(apply, theta0, x_distilled, targets, lrs, return_all=False, loss=cros
     epochs, steps = check_schedule(x_distilled, lrs)
     check_finite("the distilled images", getval(x_distilled))
     check_finite("the learning rates", getval(lrs))
+    check_nonnegative_lrs(getval(lrs))
     params = theta0
     trajectory = [params]
     for e, s in step_schedule(epochs, steps):

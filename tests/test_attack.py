@@ -60,8 +60,9 @@ def test_relabelled_real_baseline(trained_nets, monkeypatch):
     labels = distilled_labels(10, 1)
     scored_against = []
     tune_lr = baselines.tune_lr
-    monkeypatch.setattr(baselines, "tune_lr", lambda apply, pairs, targets, epochs, x, y, grid:
-                        scored_against.append(y) or tune_lr(apply, pairs, targets, epochs, x, y, grid))
+    monkeypatch.setattr(baselines, "tune_lr", lambda apply, pairs, targets, epochs, x, y, grid, momentum:
+                        scored_against.append(y) or tune_lr(apply, pairs, targets, epochs, x, y, grid,
+                                                            momentum))
     result, lr = attack.relabelled_real_baseline(mlp, digits, 2, 1, labels, nets, 0, 1, n_draws=2,
                                                  tune_draws=1, lr_grid=(0.3,))
     # tuned on the training split, against the attacked labels (the attack's own goal)
@@ -125,3 +126,15 @@ def test_tradeoff_trains_the_baselines_draws_at_every_lr(trained_nets):
     baseline, _ = attack.relabelled_real_baseline(mlp, digits, 1, 1, labels, nets, 0, 1, n_draws=2,
                                                   tune_draws=2, lr_grid=(0.3,))
     assert baseline["after"] == rows[1][1]
+
+
+def test_a_diverged_network_in_the_attack_report_is_an_error_not_numbers(trained_nets):
+    import warnings
+
+    digits, mlp, nets = trained_nets
+    labels = distilled_labels(10, 1)
+    x = baselines.average_steps(digits, 1, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no RuntimeWarning on the way to the sentence
+        with pytest.raises(evaluate.TrainingDiverged, match="diverged"):
+            attack.evaluate_attack(mlp, digits, x, labels, np.full((3, 1), 1e30), nets[:1], 0, 1)

@@ -111,13 +111,51 @@ def test_optimised_real_keeps_the_best_candidates_on_the_training_split(digits, 
     assert kept_scores == sorted(scores, reverse=True)[:2]
 
 
+def test_optimised_real_ranks_on_the_training_split_with_its_own_networks(digits, mlp):
+    """Test labels shifted by one make the test-split ranking the reverse of the training-split
+    one; the kept draws must be the training split's best (and differ from the test's)."""
+    shifted = dataclasses.replace(digits, y_test=(digits.y_test + 1) % 10)
+    labels = distilled_labels(10, 1)
+    held_out = evaluate.held_out_inits(mlp, 2, 0, "float32")
+    score_nets = baselines.scoring_inits(mlp, 2, 0, "float32")
+    kept = baselines.optimised_real_sets(mlp, shifted, 1, 1, labels, score_nets, 0.3,
+                                         n_candidates=8, n_keep=2, rng=backend.rng(7),
+                                         eval_inits=held_out)
+    rng = backend.rng(7)
+    candidates = [baselines.random_real_steps(digits, 1, labels, rng) for _ in range(8)]
+    targets = one_hot(labels, 10, "float32")
+
+    def mean_accuracy(x, split):
+        trained = baselines.train_pairs(mlp.apply, [(x, t) for t in score_nets], targets, 1, 0.3)
+        xs, ys = (shifted.x_train, shifted.y_train) if split == "train" else (shifted.x_test, shifted.y_test)
+        return np.mean(evaluate.accuracies_on(mlp.apply, trained, xs, ys))
+
+    def best(split):
+        return sorted(range(8), key=lambda i: -mean_accuracy(candidates[i], split))[:2]
+
+    by_train, by_test = best("train"), best("test")
+    assert set(by_train) != set(by_test)                 # the data make the two disagree
+    kept_ids = [next(i for i, c in enumerate(candidates) if np.array_equal(c, x)) for x in kept]
+    assert set(kept_ids) == set(by_train)
+
+
+def test_optimised_real_refuses_to_rank_with_the_evaluation_networks(digits, mlp):
+    labels = distilled_labels(10, 1)
+    held_out = evaluate.held_out_inits(mlp, 2, 0, "float32")
+    with pytest.raises(ValueError, match="needs its own scoring networks"):
+        baselines.baseline_sets("optimised_real", mlp, digits, 1, 1, labels, held_out, n_draws=2)
+    with pytest.raises(ValueError, match="include a network the baseline is evaluated on"):
+        baselines.baseline_sets("optimised_real", mlp, digits, 1, 1, labels, held_out, n_draws=2,
+                                score_inits=evaluate.held_out_inits(mlp, 1, 0, "float32"))
+
+
 @pytest.mark.parametrize("name", baselines.BASELINES)
 def test_each_baseline_fixed_and_random_init(digits, mlp, name):
     labels = distilled_labels(10, 1)
     fixed = [mlp.init(backend.rng(0), "float32")]
     held_out = evaluate.held_out_inits(mlp, 3, 0, "float32")
     options = dict(n_draws=3, tune_draws=2, n_candidates=4, kmeans_draws=2, kmeans_n_init=1,
-                   lr_grid=(0.03, 0.3))
+                   lr_grid=(0.03, 0.3), score_inits=baselines.scoring_inits(mlp, 2, 0, "float32"))
     for inits in (fixed, held_out):
         result = baselines.run_baseline(name, mlp, digits, 2, 2, labels, inits, **options)
         again = baselines.run_baseline(name, mlp, digits, 2, 2, labels, inits, **options)
@@ -134,12 +172,12 @@ def test_random_real_baseline_uses_the_distilled_evaluation_networks(digits, mlp
     seen = []
     original = baselines.train_pairs
 
-    def spy(apply, pairs, targets, epochs, lr):
+    def spy(apply, pairs, targets, epochs, lr, momentum=0.0):
         seen.extend(theta0 for _, theta0 in pairs)
-        return original(apply, pairs, targets, epochs, lr)
+        return original(apply, pairs, targets, epochs, lr, momentum)
 
     monkeypatch.setattr(baselines, "train_pairs", spy)
-    accuracy, lr = evaluate.random_real_baseline(mlp, digits, 1, 1, distilled_labels(10, 1),
+    accuracy, lr = baselines.random_real_baseline(mlp, digits, 1, 1, distilled_labels(10, 1),
                                                  n_draws=3, seed=4)
     assert accuracy.n == 3 and lr in evaluate.BASELINE_LR_GRID
     nets = evaluate.held_out_inits(mlp, 3, 4, "float32")

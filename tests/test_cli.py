@@ -183,3 +183,47 @@ def test_a_bad_ddref_backend_is_one_sentence(backend):
 def test_evaluate_in_another_order_or_on_another_network(run_dir, capsys, extra, words):
     assert main(["evaluate", str(run_dir), *extra]) == 0
     assert words in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- issue 22, item 8
+
+
+def test_train_with_a_huge_lr_says_it_diverged_and_warns_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "ddref", "train", "--lr", "1e6", "--epochs", "3",
+                           "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "training diverged" in done.stderr   # no RuntimeWarning
+    assert "--lr 1e+06 is too large" in done.stderr
+
+
+def test_show_of_a_set_with_a_label_beyond_its_classes_is_one_sentence(run_dir, tmp_path, capsys):
+    from ddref.saved import DistilledSet
+
+    distilled = DistilledSet.load(run_dir / "distilled.npz")
+    distilled.labels = distilled.labels.copy()
+    distilled.labels[-1] = 12
+    path = tmp_path / "bad.npz"
+    distilled.save(path)
+    capsys.readouterr()
+    assert main(["show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "its labels run 0..12, outside 0..9" in err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_one_kind_of_error_one_exit_code(tmp_path, capsys):
+    """Usage and input errors exit 2 (as argparse does), whoever finds them."""
+    assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
+    assert main(["show", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "does not exist" in err
+    with pytest.raises(SystemExit) as usage:
+        main(["distill", "--steps", "many"])
+    assert usage.value.code == 2
+    assert "exit status: 0 done; 1 `ddref evaluate`" in cli.build_parser().format_help()

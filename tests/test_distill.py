@@ -7,7 +7,8 @@ import pytest
 from ddref import data, engines, hypergrad
 from ddref.distill import (DistillConfig, DistilledSet, DistillError, Distiller,
                            distilled_labels, held_out_accuracy)
-from ddref.evaluate import Adam, random_real_baseline, sample_real_steps
+from ddref.baselines import random_real_baseline
+from ddref.evaluate import Adam, sample_real_steps
 from ddref.nn import ShapeError
 from ddref.saved import SavedFileError
 

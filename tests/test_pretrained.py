@@ -386,3 +386,22 @@ def test_missing_source_data_is_one_sentence_before_any_training(tmp_path, monke
     with pytest.raises(data.DataError, match="run `ddref download usps`"):
         Distiller(config, progress=False)
     assert not (tmp_path / "pretrained").exists()
+
+
+# ---------------------------------------------------------------------------- sizes refused up front
+
+
+def test_a_pool_too_large_for_memory_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DDREF_DATA", str(tmp_path))
+    monkeypatch.setattr(pretrained, "train_pool", lambda *a, **k: pytest.fail("trained anyway"))
+    monkeypatch.setattr(pretrained, "available_memory", lambda: 20 * 10 ** 9)
+    # the case: 999,999 digits MLPs of 9,610 parameters, float32 ≈ 38.4 GB
+    assert pretrained.pool_bytes(small_spec(n_nets=999_999)) == 999_999 * 9_610 * 4
+    assert cli.main(["pretrain", "--nets", "999999", "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "999,999 mlp networks holds 38.4 GB" in err
+    assert "only 20.0 GB of memory is available" in err and "at most about 520,291" in err
+    monkeypatch.setattr(pretrained, "available_memory", lambda: 10 ** 12)
+    monkeypatch.setattr(pretrained.shutil, "disk_usage", lambda folder: type("U", (), {"free": 10 ** 6}))
+    assert cli.main(["pretrain", "--nets", "100", "--epochs", "1", "--no-progress"]) == 2
+    assert "only 1.0 MB is free on the disk of" in capsys.readouterr().err

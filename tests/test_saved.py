@@ -173,3 +173,59 @@ def test_huge_learning_rates_are_an_error_not_a_chance_accuracy(good_set, tmp_pa
     path = tampered(good_set, tmp_path, lrs=good_set.lrs * 1e200)
     with np.errstate(all="ignore"), pytest.raises(TrainingDiverged, match="diverged"):
         held_out_accuracy(DistilledSet.load(path), dataset=digits)
+
+
+# ---------------------------------------------------------------------------- one run per folder
+
+
+def _hold_lock_in_another_process(out):
+    """A child process that takes the run folder's lock and sleeps; returns it once it holds it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from ddref.saved import lock_run_folder; "
+            "lock = lock_run_folder(sys.argv[1]); print('locked', flush=True); time.sleep(120)")
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    child = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE,
+                             text=True, env=env)
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+TINY_RUN = ["distill", "--steps", "1", "--epochs", "1", "--iterations", "2", "--eval-every", "0",
+            "--baseline-draws", "1", "--no-progress"]
+
+
+def test_a_second_run_or_resume_on_a_locked_folder_is_one_sentence(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY_RUN, "--out", str(out)]) == 0
+    assert not (out / saved.LOCK_FILE).exists()            # released at the end of the run
+    child = _hold_lock_in_another_process(out)
+    try:
+        capsys.readouterr()
+        for extra in (["--resume", "--iterations", "3"], ["--force"]):
+            assert main([*TINY_RUN, *extra, "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"is in use by another ddref run (process {child.pid})" in err
+        assert json.loads((out / "metrics.json").read_text())["iterations"] == 2   # untouched
+    finally:
+        child.kill()
+        child.wait()
+    # the kernel dropped the killed process's lock: the folder is usable at once
+    assert main([*TINY_RUN, "--resume", "--iterations", "3", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["iterations"] == 3
+
+
+def test_a_new_locked_folder_refuses_and_a_failed_start_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "new"
+    child = _hold_lock_in_another_process(out)
+    try:
+        assert main([*TINY_RUN, "--out", str(out)]) == 2
+        assert "in use by another ddref run" in capsys.readouterr().err
+    finally:
+        child.kill()
+        child.wait()
+    gone = tmp_path / "never"
+    assert main([*TINY_RUN, "--resume", "--out", str(gone)]) == 2   # no checkpoint there
+    assert not gone.exists()

@@ -217,3 +217,58 @@ def test_a_readme_without_its_markers_is_one_clear_line(tmp_path, small_results,
 
 def main_readme(readme, results):
     return table.main(["--readme", "--readme-path", str(readme), "--results", str(results)])
+
+
+# ---------------------------------------------------------------------------- damaged files, bad --out, --jobs
+
+CELL = SMALL.cells()[0].name
+
+
+@pytest.mark.parametrize("content, why", [
+    ("{not json", "not readable JSON"),
+    ("[1, 2]", "no settings object"),
+    ('{"settings": {}, "rows": {"distilled": {"mean": "high"}}, "seconds": 1}', "row 'distilled' lacks"),
+    ('{"settings": {}, "rows": {}, "seconds": 1}', "no rows"),
+    ('{"settings": {}, "rows": {"x": {"mean": 1, "std": 0, "n": 1}}}', "no seconds"),
+])
+def test_a_damaged_cell_file_is_one_sentence_naming_it(tmp_path, capsys, content, why):
+    path = tmp_path / "cells" / CELL / "result.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    assert main(["table", "--grid", "small", "--out", str(tmp_path), "--only", CELL,
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path} is damaged ({why}" in err
+    assert "delete the folder" in err
+
+
+def test_a_bad_out_is_one_sentence(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "below"):
+        assert main(["table", "--grid", "small", "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is a file, not a folder" in err
+
+
+def test_jobs_never_exceed_the_cells_or_the_cpus(tmp_path, monkeypatch):
+    import joblib
+
+    cpus = os.cpu_count()
+    assert table.worker_count(6, 2) == min(2, cpus)
+    assert table.worker_count(-1, 1000) == cpus
+    assert table.worker_count(10 ** 6, 10 ** 6) == cpus
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(n_jobs, **options):
+        asked.append(n_jobs)
+        raise Stop
+
+    monkeypatch.setattr(joblib, "Parallel", spy)
+    with pytest.raises(Stop):
+        table.run_grid(SMALL, tmp_path, jobs=6, only=f"{CELL},{SMALL.cells()[1].name}",
+                       progress=False, log=lambda *a: None)
+    assert asked == [min(2, cpus)]
