@@ -389,7 +389,7 @@ def _draw(out, distilled, history, baseline, stem=""):
     classes = distilled.classes or [str(c) for c in range(int(distilled.labels.max()) + 1)]
     plt.close(plot.plot_distilled(distilled, class_names=classes, path=out / f"{stem}distilled.png"))
     if distilled.soft_labels is not None:
-        from ddref.labels import plot_soft_labels
+        from ddref.plot import plot_soft_labels
 
         plt.close(plot_soft_labels(distilled.soft_labels, classes, path=out / f"{stem}labels.png",
                                    form=distilled.config.get("label_form", "softmax")))

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ddref.data import denormalise
+from ddref.labels import LABEL_FORMS
 
 
 def to_pixels(images, mean, std):
@@ -133,3 +134,37 @@ def plot_real_samples(dataset, per_class=8, seed=0, path=None, title=None):
     return image_grid(np.stack(rows), dataset.mean, dataset.std, row_labels=dataset.classes,
                       title=title or f"{dataset.name}: {per_class} training images per class",
                       path=path)
+
+
+def plot_soft_labels(soft_labels, class_names=None, title=None, path=None, max_steps=None,
+                     form="softmax"):
+    """A heat map of the learned labels of the first ``max_steps`` steps (default all): one
+    row per distilled image, step after step, one column per class.  Distributions (the
+    softmax form) are drawn on [0, 1]; free labels (any sign) on a diverging scale centred
+    on 0.  ``title`` defaults to one that names the form."""
+    s = np.asarray(soft_labels)[:max_steps]
+    rows = s.reshape(-1, s.shape[-1])
+    k = rows.shape[1]
+    names = list(class_names) if class_names is not None else [str(c) for c in range(k)]
+    fig, ax = plt.subplots(figsize=(0.45 * k + 2, 0.32 * len(rows) + 1.2))
+    if form not in LABEL_FORMS:
+        raise ValueError(f"form must be one of {', '.join(LABEL_FORMS)}; got {form!r}.")
+    distributions = form == "softmax"
+    if distributions:
+        image = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    else:
+        bound = float(np.abs(rows).max()) or 1.0
+        image = ax.imshow(rows, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    ax.set_xticks(range(k), names, fontsize=8)
+    ax.set_xlabel("class")
+    ax.set_ylabel("distilled image")
+    n = s.shape[1]
+    ax.set_yticks(range(len(rows)), [f"step {i // n + 1}, {i % n}" for i in range(len(rows))],
+                  fontsize=6)
+    fig.colorbar(image, ax=ax, label="target probability" if distributions else "target value")
+    kind = "distributions" if distributions else "vectors (free)"
+    ax.set_title(title or f"learned label {kind} (rows: images, step by step)", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path, dpi=110)
+    return fig

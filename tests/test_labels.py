@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from autograd import grad
 
-from ddref import cli, data, engines, fused, hypergrad, labels, losses, nn
+from ddref import cli, data, engines, fused, hypergrad, labels, losses, nn, plot
 from ddref.distill import DistillConfig, Distiller, held_out_accuracy
 from ddref.evaluate import evaluate_distilled
 from ddref.saved import DistilledSet, SavedFileError
@@ -233,7 +233,7 @@ def test_the_label_picture_says_which_form_it_draws(form, title, limits):
     import matplotlib.pyplot as plt
 
     values = labels.soft_targets(np.array([[[2.5, -1.0, 0.5], [0.0, 1.0, -2.0]]]), form)
-    fig = labels.plot_soft_labels(values, form=form)
+    fig = plot.plot_soft_labels(values, form=form)
     ax = fig.axes[0]
     assert ax.get_title().startswith(title)
     np.testing.assert_allclose(ax.images[0].get_clim(), limits)
