@@ -360,11 +360,12 @@ def test_hard_labels_with_fewer_images_than_classes(digits):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(engine="checkpoint"), "--learn-labels needs --engine naive or backgrad"),
-    (dict(momentum=0.5), "--learn-labels needs --engine naive or backgrad, without --momentum"),
-    (dict(truncate=2), "--learn-labels needs --engine naive or backgrad, without --momentum or --truncate"),
-    (dict(init="fixed-pretrained"), "--learn-labels needs --init fixed or random"),
-    (dict(objective="attack"), "--learn-labels needs --objective classify"),
+    (dict(engine="checkpoint"), "--engine gives no gradient for learned labels: use --engine naive "
+                                "or backgrad with --learn-labels; got 'checkpoint'"),
+    (dict(momentum=0.5), "--momentum cannot be used with --learn-labels: leave it at 0; got 0.5"),
+    (dict(truncate=2), "--truncate cannot be used with --learn-labels: leave it at 0; got 2"),
+    (dict(init="fixed-pretrained"), "--init must be fixed or random with --learn-labels; got 'fixed-pretrained'"),
+    (dict(objective="attack"), "--objective must be classify with --learn-labels; got 'attack'"),
     (dict(images=5, images_per_class=2), "--images and --images-per-class both set"),
     (dict(images=-1), "--images must be 0"),
     (dict(learn_labels=1), "--learn-labels must be bool"),
