@@ -121,6 +121,8 @@ def check_grid(grid):
 
 
 def distill_config(grid, setting, init):
+    """The distillation config of one setting under one init mode (no curve during the run;
+    its final evaluation on ``grid.n_draws`` networks)."""
     from ddref.distill import DistillConfig
 
     return DistillConfig.from_dict({
@@ -131,6 +133,7 @@ def distill_config(grid, setting, init):
 
 
 def _catalogue():
+    """{name: catalogue row} of every data set (shape, classes, availability)."""
     return {row["name"]: row for row in data.list_datasets()}
 
 
