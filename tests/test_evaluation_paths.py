@@ -75,7 +75,7 @@ def test_every_baseline_and_report_passes_momentum_on(make, monkeypatch):
         baselines.random_real_baseline(mlp, digits, 2, 1, labels, inits=nets, n_draws=2,
                                        tune_draws=1, lr_grid=(0.1,), momentum=0.9)
     else:
-        monkeypatch.setattr(pretrained, "train_full", lambda model, *a, theta0=None, **k: theta0)
+        monkeypatch.setattr(pretrained.evaluation, "train_full", lambda model, *a, theta0=None, **k: theta0)
         pretrained.evaluate(mlp, digits, x, labels, lrs, nets, baseline_draws=2,
                             fine_tune_epochs=1, momentum=0.9)
     assert seen and all(m == 0.9 for m in seen)

@@ -128,7 +128,7 @@ def test_pool_holds_what_it_promises(tmp_path):
 
 def test_existing_pool_is_reused_not_retrained(tmp_path, monkeypatch):
     first, _ = pretrained.get_pool(small_spec(), root=tmp_path, progress=False)
-    monkeypatch.setattr(pretrained, "train_pool", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(pretrained.training, "train_pool", lambda *a, **k: pytest.fail("retrained"))
     second, trained = pretrained.get_pool(small_spec(), root=tmp_path, progress=False)
     assert not trained and second.sha256 == first.sha256
 
@@ -382,7 +382,7 @@ def test_both_engines_distil_the_same_from_pretrained_networks(cache):
 def test_missing_source_data_is_one_sentence_before_any_training(tmp_path, monkeypatch):
     monkeypatch.setenv("DDREF_DATA", str(tmp_path))
     config = tiny_config("random-pretrained", source_dataset="usps")
-    monkeypatch.setattr(pretrained, "train_pool", lambda *a, **k: pytest.fail("trained anyway"))
+    monkeypatch.setattr(pretrained.training, "train_pool", lambda *a, **k: pytest.fail("trained anyway"))
     with pytest.raises(data.DataError, match="run `ddref download usps`"):
         Distiller(config, progress=False)
     assert not (tmp_path / "pretrained").exists()
@@ -393,15 +393,15 @@ def test_missing_source_data_is_one_sentence_before_any_training(tmp_path, monke
 
 def test_a_pool_too_large_for_memory_is_refused_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DDREF_DATA", str(tmp_path))
-    monkeypatch.setattr(pretrained, "train_pool", lambda *a, **k: pytest.fail("trained anyway"))
-    monkeypatch.setattr(pretrained, "available_memory", lambda: 20 * 10 ** 9)
+    monkeypatch.setattr(pretrained.training, "train_pool", lambda *a, **k: pytest.fail("trained anyway"))
+    monkeypatch.setattr(pretrained.training, "available_memory", lambda: 20 * 10 ** 9)
     # the case: 999,999 digits MLPs of 9,610 parameters, float32 ≈ 38.4 GB
     assert pretrained.pool_bytes(small_spec(n_nets=999_999)) == 999_999 * 9_610 * 4
     assert cli.main(["pretrain", "--nets", "999999", "--epochs", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "999,999 mlp networks holds 38.4 GB" in err
     assert "only 20.0 GB of memory is available" in err and "at most about 520,291" in err
-    monkeypatch.setattr(pretrained, "available_memory", lambda: 10 ** 12)
-    monkeypatch.setattr(pretrained.shutil, "disk_usage", lambda folder: type("U", (), {"free": 10 ** 6}))
+    monkeypatch.setattr(pretrained.training, "available_memory", lambda: 10 ** 12)
+    monkeypatch.setattr(pretrained.training.shutil, "disk_usage", lambda folder: type("U", (), {"free": 10 ** 6}))
     assert cli.main(["pretrain", "--nets", "100", "--epochs", "1", "--no-progress"]) == 2
     assert "only 1.0 MB is free on the disk of" in capsys.readouterr().err

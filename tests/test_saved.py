@@ -116,7 +116,7 @@ def test_bad_out_is_refused_before_anything_runs(tmp_path, out, words):
 
 
 def test_an_unwritable_out_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(saved.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(saved.run_folder.os, "access", lambda path, mode: False)
     with pytest.raises(SavedFileError, match="cannot be written"):
         check_run_folder(tmp_path / "run")
 

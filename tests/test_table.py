@@ -21,8 +21,9 @@ N_CELLS = len(SMALL.cells())
 # joblib workers, SIGKILL: no clean-up of any kind) as soon as the first cell is reported done
 KILLED_AFTER_FIRST_CELL = """
 import os, signal, sys
-from ddref import cli, table
-table.cell_done = lambda name: os.killpg(os.getpgid(0), signal.SIGKILL)
+from ddref import cli
+from ddref.table import run
+run.cell_done = lambda name: os.killpg(os.getpgid(0), signal.SIGKILL)
 sys.exit(cli.main(["table", "--grid", "small", "--jobs", "2", "--out", sys.argv[1], "--no-progress"]))
 """
 

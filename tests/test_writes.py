@@ -84,7 +84,7 @@ def test_show_into_a_folder_that_cannot_take_files_is_one_line(tmp_path, capsys,
 def test_an_unwritable_pool_folder_is_found_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DDREF_DATA", str(tmp_path))
     (tmp_path / "pretrained").write_text("a file where the pool folder should be")
-    monkeypatch.setattr(pretrained, "train_pool", lambda *a, **k: pytest.fail("trained anyway"))
+    monkeypatch.setattr(pretrained.training, "train_pool", lambda *a, **k: pytest.fail("trained anyway"))
     assert cli.main(["pretrain", "--nets", "2", "--epochs", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pre-trained pool folder" in err and "before anything is trained" in err
@@ -96,7 +96,7 @@ def test_a_pool_folder_that_refuses_files_is_found_before_training(tmp_path, mon
     monkeypatch.setenv("DDREF_DATA", str(tmp_path))
     monkeypatch.setattr(tempfile, "mkstemp", lambda **k: (_ for _ in ()).throw(
         OSError(errno.EACCES, os.strerror(errno.EACCES))))
-    monkeypatch.setattr(pretrained, "train_pool", lambda *a, **k: pytest.fail("trained anyway"))
+    monkeypatch.setattr(pretrained.training, "train_pool", lambda *a, **k: pytest.fail("trained anyway"))
     spec = pretrained.PoolSpec(source="digits", target="digits", model="mlp", image_shape=(1, 8, 8),
                                num_classes=10, split="train", n_nets=1, epochs=1, lr=1e-3)
     with pytest.raises(SavedFileError, match="cannot be written"):

@@ -1,0 +1,147 @@
+"""One cell of the table — one (data set, model, init mode, method) — and its result file.
+
+:func:`run_cell` computes a cell on its own and writes ``OUT/cells/NAME/result.json``
+atomically; :func:`stored_result` reads it back, or None when it is missing or was made
+with other settings (:func:`cell_settings`), and a damaged file is one sentence
+(:func:`check_result`).  A distilled cell checkpoints its distillation in its folder and
+resumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import ddref
+from ddref import baselines, data, nn
+from ddref.evaluate import Accuracy, accuracy_on, held_out_inits, train_full
+from ddref.saved import write_atomically
+from ddref.table.grids import distill_config
+
+
+def evaluation_inits(config, dataset, model, n):
+    """The networks every method of a column is trained from: the distillation's θ0 (fixed
+    init), or the ``n`` held-out initialisations its evaluation uses (random init)."""
+    from ddref.distill import Distiller
+
+    if config.init == "fixed":
+        return [Distiller(config, dataset, progress=False).theta0]
+    return held_out_inits(model, n, config.seed, config.dtype)
+
+
+def cell_settings(grid, cell):
+    """Everything a cell's numbers depend on; a stored result with other settings is stale."""
+    grid_fields = {k: v for k, v in dataclasses.asdict(grid).items()
+                   if k not in ("name", "settings", "inits", "methods", "notes")}
+    return {"cell": cell.name, "setting": dataclasses.asdict(cell.setting), "init": cell.init,
+            "method": cell.method, **grid_fields, "version": ddref.__version__}
+
+
+def run_cell(grid, cell, out, progress=False):
+    """Compute one cell and write ``OUT/cells/NAME/result.json`` atomically; returns its name.
+    ``progress``: show the distillation's progress bar (sensible with one job only)."""
+    folder = Path(out) / "cells" / cell.name
+    folder.mkdir(parents=True, exist_ok=True)
+    config = distill_config(grid, cell.setting, cell.init)
+    dataset = data.load(config.dataset, dtype=config.dtype)
+    model = nn.build_model(config.model, dataset.image_shape, dataset.num_classes)
+    start = time.perf_counter()
+    compute = _distilled_rows if cell.method == "distilled" else (
+        _full_data_rows if cell.method == "full_data" else _baseline_rows)
+    rows = compute(grid, cell, config, dataset, model, folder, progress)
+    result = {"settings": cell_settings(grid, cell), "rows": rows,
+              "seconds": round(time.perf_counter() - start, 2)}
+    write_json_atomic(folder / "result.json", result)
+    return cell.name
+
+
+def _row(accuracy: Accuracy, **extra):
+    return {"mean": accuracy.mean, "std": accuracy.std, "n": accuracy.n, **extra}
+
+
+def _distilled_rows(grid, cell, config, dataset, model, folder, progress):
+    from ddref.distill import Distiller
+
+    checkpoint = folder / "checkpoint.npz"
+    distiller = None
+    if checkpoint.exists():   # a killed cell continues where its last checkpoint left it
+        distiller = Distiller.from_checkpoint(checkpoint, dataset, progress=progress)
+        if distiller.config.to_dict() != config.to_dict():
+            distiller = None
+    distiller = (distiller or Distiller(config, dataset, progress=progress)).run(checkpoint_path=checkpoint)
+    distilled = distiller.distilled_set()
+    distilled.save(folder / "distilled.npz")
+    nn_accuracy = baselines.nearest_neighbour_accuracy(distilled.images, distilled.labels,
+                                                       dataset.x_test, dataset.y_test)
+    return {"distilled": _row(distiller.accuracy(n_inits=grid.n_draws)),
+            "knn_distilled": _row(Accuracy.of([nn_accuracy]))}
+
+
+def _baseline_rows(grid, cell, config, dataset, model, folder, progress):
+    from ddref.distill import distilled_labels
+
+    labels = distilled_labels(dataset.num_classes, config.images_per_class)
+    inits = evaluation_inits(config, dataset, model, grid.n_draws)
+    score_inits = inits if config.init == "fixed" else baselines.scoring_inits(
+        model, grid.score_nets, config.seed, config.dtype)
+    result = baselines.run_baseline(
+        cell.method, model, dataset, config.steps, config.epochs, labels, inits,
+        n_draws=grid.n_draws, seed=config.seed, tune_draws=grid.tune_draws,
+        n_candidates=grid.n_candidates, score_inits=score_inits, kmeans_draws=grid.kmeans_draws,
+        momentum=config.momentum)
+    return {cell.method: _row(result.training, lr=result.lr),
+            f"knn_{cell.method}": _row(result.nearest_neighbour)}
+
+
+def _full_data_rows(grid, cell, config, dataset, model, folder, progress):
+    inits = evaluation_inits(config, dataset, model, grid.full_data_nets)
+    accs = [accuracy_on(model.apply, train_full(model, dataset, epochs=cell.setting.full_epochs,
+                                                seed=config.seed, theta0=theta0, progress=False),
+                        dataset.x_test, dataset.y_test) for theta0 in inits]
+    return {"full_data": _row(Accuracy.of(accs))}
+
+
+def write_json_atomic(path, value):
+    """Write JSON so that a crash never leaves a half-written file where a result should be
+    (a full or unwritable disk is one sentence naming the file, and no temporary file stays)."""
+    write_atomically(path, lambda f: json.dump(value, f, indent=1), mode="w")
+
+
+def stored_result(grid, cell, out):
+    """The cell's stored result, or None when it is missing or was made with other settings;
+    a damaged file is one sentence naming it and the fix (:func:`check_result`)."""
+    path = Path(out) / "cells" / cell.name / "result.json"
+    if not path.exists():
+        return None
+    result = check_result(path)
+    return result if result["settings"] == cell_settings(grid, cell) else None
+
+
+def check_result(path):
+    """A cell's ``result.json`` as written by :func:`run_cell`: {"settings": {…}, "rows":
+    {method: {"mean", "std", "n", …}}, "seconds": s}, else a :class:`SavedFileError`."""
+    from ddref.saved import SavedFileError
+
+    def damaged(why):
+        return SavedFileError(f"{path} is damaged ({why}); delete the folder {path.parent} and "
+                              f"run the same command again to recompute that cell.")
+
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise damaged(f"not readable JSON: {error.__class__.__name__}") from None
+    if not isinstance(result, dict) or not isinstance(result.get("settings"), dict):
+        raise damaged("no settings object")
+    if not isinstance(result.get("rows"), dict) or not result["rows"]:
+        raise damaged("no rows")
+    for method, row in result["rows"].items():
+        numbers = isinstance(row, dict) and all(
+            isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+            for k in ("mean", "std", "n"))
+        if not numbers:
+            raise damaged(f"row {method!r} lacks a numeric mean, std and n")
+    if not isinstance(result.get("seconds"), (int, float)):
+        raise damaged("no seconds")
+    return result
