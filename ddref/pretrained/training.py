@@ -10,7 +10,6 @@ them against the ones it recorded.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 import ddref
-from ddref import backend, data, nn, transforms
+from ddref import backend, data, nn, sizes, transforms
 from ddref.evaluate import accuracy_on, check_trained, train_full
 from ddref.pretrained.pool import POOL_DTYPE, Pool, PoolError, PoolSpec, load_pool, save_pool
 from ddref.saved import check_folder_writable
@@ -80,18 +79,8 @@ def pool_bytes(spec: PoolSpec) -> int:
 
 
 def available_memory():
-    """Bytes of memory available to a new allocation (Linux: MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
+    """Bytes of memory available to a new allocation (:func:`ddref.sizes.available_bytes`)."""
+    return sizes.available_bytes()
 
 
 def check_pool_fits(spec: PoolSpec, folder):
