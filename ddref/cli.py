@@ -162,9 +162,10 @@ def _positive_number(text):
 def build_parser():
     # --threads is accepted before or after the subcommand (SUPPRESS: a subcommand that does
     # not see it keeps the value given before it)
-    threads_help = ("BLAS threads (default 1: ddref's small matrix products gain little from more, "
-                    "on a busy machine threads wait on each other, and one thread makes runs "
-                    "byte-reproducible across machines; 0: the BLAS library's own default)")
+    threads_help = ("BLAS threads (default 1: ddref's small matrix products gain little from more "
+                    "and on a busy machine threads wait on each other; 0: the BLAS library's own "
+                    "default). The same seed, thread count and BLAS kernel give the same bytes; "
+                    "another kernel (OpenBLAS: OPENBLAS_CORETYPE) sums in another order")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=_whole_number(0), default=argparse.SUPPRESS, help=threads_help)
 
