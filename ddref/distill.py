@@ -137,15 +137,29 @@ def check_n_inits(n_inits, config, source="distilled set"):
 
 
 def held_out_accuracy(distilled: DistilledSet, dataset=None, n_inits=None, source="distilled set") -> Accuracy:
-    """Re-evaluate a saved distilled set the way the run that made it did."""
+    """Re-evaluate a saved distilled set the way the run that made it did: the test accuracy
+    after training on its steps from the networks the run was judged on — its stored θ0 (fixed,
+    fixed-pretrained), its held-out random initialisations (random) or the first networks of
+    its recorded held-out pool (random-pretrained) — the run's ``distilled_accuracy``.
+
+        held_out_accuracy(DistilledSet.load("runs/digits-mlp-fixed/distilled.npz"))
+    """
     config, dataset, model, images, lrs, theta0 = prepared_for_evaluation(distilled, dataset, source)
     check_n_inits(n_inits, config, source)
     soft = None if distilled.soft_labels is None else backend.asarray(distilled.soft_labels,
                                                                        dtype=config.dtype)
+    inits = None
+    if config.init == "random-pretrained":
+        from ddref import pretrained
+
+        pools = pretrained.pools_for(config, dataset, held_out_nets=(
+            n_inits if n_inits and n_inits > config.eval_inits else None))
+        pool, ids = pretrained.evaluation_networks(config, pools, n_inits)
+        inits = pool.networks(ids, config.dtype)
     return evaluate_distilled(model, dataset, backend.asarray(images), distilled.labels,
                               backend.asarray(lrs), theta0=theta0,
                               n_inits=n_inits or config.eval_inits, seed=config.seed,
-                              momentum=config.momentum, soft_labels=soft)
+                              momentum=config.momentum, inits=inits, soft_labels=soft)
 
 
 __all__ = ["DistillConfig", "Distiller", "DistilledSet", "DistillError", "History",
