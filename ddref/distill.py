@@ -148,20 +148,29 @@ def held_out_accuracy(distilled: DistilledSet, dataset=None, n_inits=None, sourc
     check_n_inits(n_inits, config, source)
     soft = None if distilled.soft_labels is None else backend.asarray(distilled.soft_labels,
                                                                        dtype=config.dtype)
-    inits = None
+    return evaluate_distilled(model, dataset, backend.asarray(images), distilled.labels,
+                              backend.asarray(lrs), momentum=config.momentum, soft_labels=soft,
+                              inits=evaluation_networks(config, dataset, model, theta0, n_inits))
+
+
+def evaluation_networks(config, dataset, model, theta0, n_inits=None) -> list:
+    """The θ0 of the networks a saved set is judged on, as the run that made it chose them: its
+    stored θ0 (fixed, fixed-pretrained), the first ``n_inits`` (default ``--eval-inits``)
+    networks of its recorded held-out pool (random-pretrained), or as many held-out random
+    initialisations (random)."""
+    if theta0 is not None:
+        return [theta0]
+    n = n_inits or config.eval_inits
     if config.init == "random-pretrained":
         from ddref import pretrained
 
         pools = pretrained.pools_for(config, dataset, held_out_nets=(
-            n_inits if n_inits and n_inits > config.eval_inits else None))
-        pool, ids = pretrained.evaluation_networks(config, pools, n_inits)
-        inits = pool.networks(ids, config.dtype)
-    return evaluate_distilled(model, dataset, backend.asarray(images), distilled.labels,
-                              backend.asarray(lrs), theta0=theta0,
-                              n_inits=n_inits or config.eval_inits, seed=config.seed,
-                              momentum=config.momentum, inits=inits, soft_labels=soft)
+            n if n > config.eval_inits else None))
+        pool, ids = pretrained.evaluation_networks(config, pools, n)
+        return pool.networks(ids, config.dtype)
+    return held_out_inits(model, n, config.seed, config.dtype)
 
 
 __all__ = ["DistillConfig", "Distiller", "DistilledSet", "DistillError", "History",
-           "held_out_accuracy", "distilled_labels", "held_out_inits", "INIT_MODES", "OBJECTIVES",
-           "PRETRAINED", "SAMPLED", "RESUMABLE", "option_name"]
+           "held_out_accuracy", "evaluation_networks", "distilled_labels", "held_out_inits",
+           "INIT_MODES", "OBJECTIVES", "PRETRAINED", "SAMPLED", "RESUMABLE", "option_name"]
