@@ -55,3 +55,47 @@ def test_no_page_points_at_one_machine_or_at_the_projects_history():
         text = page.read_text()
         for pattern in (r"/work/", r"/home/", r"\.\./shared/", r"\bcommit [0-9a-f]{7,}", r"today's"):
             assert not re.search(pattern, text), f"{page.name} mentions {pattern!r}"
+
+
+# ---------------------------------------------------------------------------- the help a user reads
+
+
+def help_of(*command):
+    from ddref import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sub.choices[command[0]].format_help() if command else parser.format_help()
+
+
+def test_distill_help_has_no_empty_default_and_no_internal_options():
+    text = " ".join(help_of("distill").split())
+    assert "(default )" not in text
+    assert "--train-pool" not in text and "--eval-pool" not in text
+    assert "same seed, thread count and BLAS kernel" in text
+
+
+def test_table_help_names_its_default_grid_which_takes_minutes():
+    from ddref import cli
+
+    args = cli.build_parser().parse_args(["table"])
+    assert args.grid == "small"
+    assert "small (the default" in " ".join(help_of("table").split())
+
+
+def test_a_progress_bar_is_not_written_into_a_file(tmp_path, monkeypatch):
+    """stderr redirected to a file: the run prints its lines, not thousands of redrawn bars."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "log"
+    with open(log, "w") as stderr:
+        done = subprocess.run([sys.executable, "-m", "ddref", "distill", "--iterations", "30",
+                               "--steps", "1", "--epochs", "1", "--eval-every", "0",
+                               "--eval-inits", "1", "--baseline-draws", "1",
+                               "--out", str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=300,
+                              env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, log.read_text()
+    assert "\r" not in log.read_text() and log.stat().st_size < 2000, log.read_text()[:300]
+    assert "1 step × 1 epoch, 10 images per step" in done.stdout
