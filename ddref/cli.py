@@ -104,9 +104,16 @@ def _add_config_options(parser):
         elif f.name == "betas":
             parser.add_argument(option, type=float, nargs=2, default=None, metavar=("B1", "B2"),
                                 help=CONFIG_HELP[f.name] + f" (default {f.default[0]} {f.default[1]})")
+        elif f.name in RECORDED_BY_THE_RUN:
+            parser.add_argument(option, type=type(f.default), default=None, help=argparse.SUPPRESS)
         else:
             parser.add_argument(option, type=type(f.default), default=None,
-                                help=CONFIG_HELP[f.name] + f" (default {f.default})")
+                                help=CONFIG_HELP[f.name] + (f" (default {f.default})"
+                                                            if f.default != "" else ""))
+
+
+# config fields a run fills in itself (the pools it used): options for ddref's own use, not listed
+RECORDED_BY_THE_RUN = ("train_pool", "eval_pool")
 
 
 def _given_config_options(args):
@@ -159,12 +166,16 @@ def _positive_number(text):
     return value
 
 
+NO_PROGRESS = "no progress bar (the default when stderr is not a terminal, e.g. redirected to a log)"
+
+
 def build_parser():
     # --threads is accepted before or after the subcommand (SUPPRESS: a subcommand that does
     # not see it keeps the value given before it)
-    threads_help = ("BLAS threads (default 1: ddref's small matrix products gain little from more, "
-                    "on a busy machine threads wait on each other, and one thread makes runs "
-                    "byte-reproducible across machines; 0: the BLAS library's own default)")
+    threads_help = ("BLAS threads (default 1: ddref's small matrix products gain little from more "
+                    "and on a busy machine threads wait on each other; 0: the BLAS library's own "
+                    "default). The same seed, thread count and BLAS kernel give the same bytes; "
+                    "another kernel (OpenBLAS: OPENBLAS_CORETYPE) sums in another order")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=_whole_number(0), default=argparse.SUPPRESS, help=threads_help)
 
@@ -186,7 +197,7 @@ def build_parser():
                    help="replace the run already in --out (without it a run is never overwritten)")
     p.add_argument("--baseline-draws", type=_whole_number(1), default=10,
                    help="random-real baseline: draws of real images (default 10)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     p = sub.add_parser("evaluate", parents=[common],
                        help="re-train networks on a distilled set and report test accuracy")
@@ -211,20 +222,23 @@ def build_parser():
     p.add_argument("--batch-size", type=_whole_number(1), default=64, help="images per step (default 64)")
     p.add_argument("--lr", type=_positive_number, default=1e-3, help="Adam learning rate (default 0.001)")
     p.add_argument("--seed", type=_whole_number(0), default=0, help="random seed (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     sub.add_parser("datasets", parents=[common],
                    help="list the data sets, whether each is available now and where it was found")
 
     p = sub.add_parser("table", parents=[common],
                        help="the results grid: distilled vs baselines, one run folder per cell")
-    p.add_argument("--grid", default="readme", help="readme (the README's settings) or small (seconds)")
-    p.add_argument("--out", default=None, help="output folder (default results/, or results/GRID "
-                                               "for a grid other than readme)")
+    p.add_argument("--grid", default="small",
+                   help="small (the default: the same methods on a grid that takes minutes) or "
+                        "readme (the README's results: hours on 2 cores)")
+    p.add_argument("--out", default=None, help="output folder (default results/ for --grid readme, "
+                                               "results/GRID for another grid; git ignores "
+                                               "results/GRID)")
     p.add_argument("--jobs", type=_jobs, default=1, help="cells computed in parallel (joblib; -1: all cores)")
     p.add_argument("--only", default=None, help="comma-separated glob patterns of cell names, "
                                                 "e.g. 'digits-mlp-fixed-*'")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     p = sub.add_parser("pretrain", parents=[common],
                        help="train (or reuse) a pool of pre-trained networks; --list shows them")
@@ -238,7 +252,7 @@ def build_parser():
                    help="train (seeds 0…) or held-out (seeds 1,000,000…)")
     p.add_argument("--epochs", type=_whole_number(1), default=10, help="Adam epochs per network (default 10)")
     p.add_argument("--lr", type=_positive_number, default=1e-3, help="Adam learning rate (default 0.001)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     p = sub.add_parser("download", parents=[common],
                        help="download a data set's files into the cache and verify them")
@@ -263,6 +277,8 @@ def cmd_distill(args):
 
     given = _given_config_options(args)
     config = DistillConfig.from_dict(given).validate()
+    if not args.resume:
+        _warn_untrained_attack(config)
     if args.out is not None and not args.out.strip():
         raise ValueError("--out is empty; name the run folder, e.g. --out runs/my-run.")
     out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.init}")
@@ -291,7 +307,8 @@ def _distill_in_locked_folder(args, given, config, out):
 
         atomic_write_text(out / "pools.json", json.dumps(distiller.pools.records(), indent=1))
     print(f"distilling {config.dataset} for {config.model}: {config.init} init, "
-          f"{config.steps} steps × {config.epochs} epochs, {len(distiller.labels)} images per step, "
+          f"{_count(config.steps, 'step')} × {_count(config.epochs, 'epoch')}, "
+          f"{_count(len(distiller.labels), 'image')} per step, "
           f"{config.engine} meta-gradient → {out}")
     try:
         distiller.run(checkpoint_path=checkpoint)
@@ -365,7 +382,7 @@ def _finish_run(out, distiller, baseline_draws, progress=True):
             distiller.evaluation_networks(), config.source_class, config.target_class,
             n_draws=baseline_draws, seed=config.seed, momentum=config.momentum)
     distilled.save(out / "distilled.npz")
-    _draw(out, distilled, history, baseline.mean)
+    _draw(out, distilled, history, baseline.mean, attack=metrics.get("attack"))
     atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=1))
     n = metrics["n_images"]
     print(f"wrote {out}/distilled.npz, distilled.png, curves.png, metrics.json "
@@ -380,8 +397,9 @@ def _finish_run(out, distiller, baseline_draws, progress=True):
         print("\n".join(attack.report_lines(metrics["attack"])))
 
 
-def _draw(out, distilled, history, baseline, stem=""):
-    """distilled.png (and curves.png when the history is known) in the folder ``out``."""
+def _draw(out, distilled, history, baseline, stem="", attack=None):
+    """distilled.png (and curves.png when the history is known) in the folder ``out``; an
+    attack run's curves carry its attack measures (``attack``: metrics.json's entry)."""
     import matplotlib.pyplot as plt
 
     from ddref import plot
@@ -397,7 +415,8 @@ def _draw(out, distilled, history, baseline, stem=""):
         return
     cfg = distilled.config
     title = f"{cfg.get('dataset')} / {cfg.get('model')}, {cfg.get('init')} init, {cfg.get('engine')}"
-    plt.close(plot.plot_curves(history, path=out / f"{stem}curves.png", baseline=baseline, title=title))
+    plt.close(plot.plot_curves(history, path=out / f"{stem}curves.png", baseline=baseline, title=title,
+                               attack=attack))
 
 
 def _distilled_path(run):
@@ -420,18 +439,29 @@ def _reported_metrics(path):
 
 
 def cmd_evaluate(args):
-    from ddref.distill import DistilledSet, held_out_accuracy
+    from ddref.distill import DistilledSet
 
     path = _distilled_path(args.run)
     distilled = DistilledSet.load(path)
     if args.order is not None or args.model is not None:
         return _evaluate_reuse(distilled, path, args)
     if distilled.config.get("init") in ("fixed-pretrained", "random-pretrained"):
-        return _evaluate_pretrained(distilled, path, args.n_inits)
-    accuracy = held_out_accuracy(distilled, n_inits=args.n_inits, source=str(path))
+        status = _evaluate_pretrained(distilled, path, args.n_inits)
+    else:
+        status = _evaluate_plain(distilled, path, args.n_inits)
+    if distilled.config.get("objective") == "attack" and args.n_inits is None:
+        status = max(status, _recheck_attack(distilled, path))
+    return status
+
+
+def _evaluate_plain(distilled, path, n_inits):
+    """Re-evaluate a fixed- or random-init set; compare with metrics.json."""
+    from ddref.distill import held_out_accuracy
+
+    accuracy = held_out_accuracy(distilled, n_inits=n_inits, source=str(path))
     print(f"test accuracy of networks trained on {path}: {accuracy}")
     metrics_path = path.parent / "metrics.json"
-    if metrics_path.exists() and args.n_inits is None:
+    if metrics_path.exists() and n_inits is None:
         reported = _reported_metrics(metrics_path)["distilled_accuracy"]
         if not isinstance(reported, dict) or not isinstance(reported.get("mean"), (int, float)):
             from ddref.saved import SavedFileError
@@ -443,6 +473,55 @@ def cmd_evaluate(args):
               f"({'reproduced' if same else 'DIFFERENT'})")
         return 0 if same else 1
     return 0
+
+
+ATTACK_MEASURES = ("attack_success", "other_classes_accuracy", "accuracy", "attacked_accuracy")
+
+
+def _recheck_attack(distilled, path):
+    """An attack run: measure the attack again on the networks the run measured it on (before
+    and after the distilled steps) and compare with metrics.json's ``attack.distilled``.  The
+    relabelled-real baseline, which tunes a learning rate over many draws, is not re-run."""
+    from ddref import attack
+    from ddref.distill import evaluation_networks, prepared_for_evaluation
+    from ddref.saved import SavedFileError
+
+    config, dataset, model, x, lrs, theta0 = prepared_for_evaluation(distilled, source=str(path))
+    nets = evaluation_networks(config, dataset, model, theta0)
+    again = attack.evaluate_attack(model, dataset, x, distilled.labels, lrs, nets,
+                                   config.source_class, config.target_class, config.momentum)
+    k, t = config.source_class, config.target_class
+    print(f"attack {k}→{t} on the same {len(nets)} network(s): {k}s read as {t} "
+          f"{again['before'].attack_success} before, {again['after'].attack_success} after; "
+          f"other classes {again['after'].other_classes_accuracy} after")
+    metrics_path = path.parent / "metrics.json"
+    if not metrics_path.exists():
+        return 0
+    try:
+        reported = _reported_metrics(metrics_path)["attack"]["distilled"]
+        same = all(abs(reported[when][m]["mean"] - getattr(again[when], m).mean) < 1e-9
+                   for when in ("before", "after") for m in ATTACK_MEASURES)
+    except (KeyError, TypeError):
+        raise SavedFileError(f"{metrics_path} has no usable attack.distilled measures; re-create "
+                             f"it with `ddref distill`.") from None
+    print(f"attack measures reported at the end of the run: {k}s read as {t} "
+          f"{100 * reported['after']['attack_success']['mean']:.2f}% after "
+          f"({'reproduced' if same else 'DIFFERENT'})")
+    return 0 if same else 1
+
+
+def _count(n, noun):
+    """'1 step', '3 steps'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _warn_untrained_attack(config):
+    """--objective attack against networks that were never trained: say so before the run."""
+    if config.objective == "attack" and config.init in ("fixed", "random"):
+        print(f"warning: --objective attack with --init {config.init} attacks untrained networks "
+              f"({'one random θ0' if config.init == 'fixed' else 'fresh random θ0'}), which read "
+              f"no class well to begin with; the paper attacks trained networks: "
+              f"--init random-pretrained (or fixed-pretrained).", file=sys.stderr)
 
 
 def _evaluate_reuse(distilled, path, args):
@@ -540,9 +619,10 @@ def cmd_show(args):
     if distilled.classes is not None:      # labels must name one of the classes it stores
         distilled.check(len(distilled.classes), source=path)
     metrics_path = out / "metrics.json"
-    history, baseline = None, None
+    history, baseline, attack = None, None, None
     if metrics_path.exists():
         metrics = _reported_metrics(metrics_path)
+        attack = metrics.get("attack") if isinstance(metrics.get("attack"), dict) else None
         try:
             history = History(**metrics["history"])
             baseline = float(metrics["random_real_accuracy"]["mean"])
@@ -553,7 +633,7 @@ def cmd_show(args):
                                  f"random_real_accuracy; re-create it with `ddref distill`.") from None
     stem = "" if path.name == "distilled.npz" else path.stem + "-"
     print(f"drawing {path} …")
-    _draw(out, distilled, history, baseline, stem)
+    _draw(out, distilled, history, baseline, stem, attack=attack)
     drawn = [f"{out}/{stem}{name}.png" for name, made in (
         ("distilled", True), ("labels", distilled.soft_labels is not None), ("curves", history))
         if made]
@@ -657,6 +737,13 @@ COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show,
             "download": cmd_download, "table": cmd_table}
 
 
+def _no_progress_bar_into_a_file(args):
+    """A progress bar is for a terminal: redirected into a log it is thousands of redrawn
+    lines, so a command whose stderr is not a terminal runs as with --no-progress."""
+    if hasattr(args, "no_progress") and not sys.stderr.isatty():
+        args.no_progress = True
+
+
 def main(argv=None):
     try:
         from ddref import backend  # noqa: F401  (selects DDREF_BACKEND, which may fail)
@@ -671,6 +758,7 @@ def main(argv=None):
               if "backend" in str(error).lower() else f"ddref: error: {error}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
+    _no_progress_bar_into_a_file(args)
     try:
         if args.threads:
             from threadpoolctl import threadpool_limits

@@ -137,17 +137,40 @@ def check_n_inits(n_inits, config, source="distilled set"):
 
 
 def held_out_accuracy(distilled: DistilledSet, dataset=None, n_inits=None, source="distilled set") -> Accuracy:
-    """Re-evaluate a saved distilled set the way the run that made it did."""
+    """Re-evaluate a saved distilled set the way the run that made it did: the test accuracy
+    after training on its steps from the networks the run was judged on — its stored θ0 (fixed,
+    fixed-pretrained), its held-out random initialisations (random) or the first networks of
+    its recorded held-out pool (random-pretrained) — the run's ``distilled_accuracy``.
+
+        held_out_accuracy(DistilledSet.load("runs/digits-mlp-fixed/distilled.npz"))
+    """
     config, dataset, model, images, lrs, theta0 = prepared_for_evaluation(distilled, dataset, source)
     check_n_inits(n_inits, config, source)
     soft = None if distilled.soft_labels is None else backend.asarray(distilled.soft_labels,
                                                                        dtype=config.dtype)
     return evaluate_distilled(model, dataset, backend.asarray(images), distilled.labels,
-                              backend.asarray(lrs), theta0=theta0,
-                              n_inits=n_inits or config.eval_inits, seed=config.seed,
-                              momentum=config.momentum, soft_labels=soft)
+                              backend.asarray(lrs), momentum=config.momentum, soft_labels=soft,
+                              inits=evaluation_networks(config, dataset, model, theta0, n_inits))
+
+
+def evaluation_networks(config, dataset, model, theta0, n_inits=None) -> list:
+    """The θ0 of the networks a saved set is judged on, as the run that made it chose them: its
+    stored θ0 (fixed, fixed-pretrained), the first ``n_inits`` (default ``--eval-inits``)
+    networks of its recorded held-out pool (random-pretrained), or as many held-out random
+    initialisations (random)."""
+    if theta0 is not None:
+        return [theta0]
+    n = n_inits or config.eval_inits
+    if config.init == "random-pretrained":
+        from ddref import pretrained
+
+        pools = pretrained.pools_for(config, dataset, held_out_nets=(
+            n if n > config.eval_inits else None))
+        pool, ids = pretrained.evaluation_networks(config, pools, n)
+        return pool.networks(ids, config.dtype)
+    return held_out_inits(model, n, config.seed, config.dtype)
 
 
 __all__ = ["DistillConfig", "Distiller", "DistilledSet", "DistillError", "History",
-           "held_out_accuracy", "distilled_labels", "held_out_inits", "INIT_MODES", "OBJECTIVES",
-           "PRETRAINED", "SAMPLED", "RESUMABLE", "option_name"]
+           "held_out_accuracy", "evaluation_networks", "distilled_labels", "held_out_inits",
+           "INIT_MODES", "OBJECTIVES", "PRETRAINED", "SAMPLED", "RESUMABLE", "option_name"]

@@ -57,3 +57,21 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
 def _plain(error) -> str:
     """The error's text without the terminal colour codes IPython puts in tracebacks."""
     return re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+
+
+# a code line (not a comment) that draws: pyplot, ddref.plot, a figure or axes object
+DRAWS = re.compile(r"^(?!\s*#).*(\bplt\.|\bplot\.\w+\(|\bfig\b|\bax\.|\baxes\b|\.imshow\()", re.M)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_saved_outputs_show_the_figures(path):
+    """A chapter is read on GitHub as it was saved: every cell whose code draws must carry its
+    picture (an image/png output), i.e. the notebook was saved executed with the inline
+    backend (not MPLBACKEND=Agg, which draws nothing into the notebook)."""
+    notebook = nbformat.read(path, as_version=4)
+    missing = [f"cell {i}: {cell.source.splitlines()[0][:70]!r}"
+               for i, cell in enumerate(notebook.cells)
+               if cell.cell_type == "code" and DRAWS.search(cell.source)
+               and not any("image/png" in out.get("data", {}) for out in cell.get("outputs", []))]
+    assert not missing, (f"{path.name} is saved without the figures of " + "; ".join(missing)
+                         + ": execute it with the inline backend and save it again")
