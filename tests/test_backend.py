@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from autograd import grad
 
-from ddref import _cupy, backend, fused, hypergrad, losses, nn
+from ddref import _cupy, backend, fused, fused_layers, hypergrad, losses, nn
 from ddref.unroll import inverse_softplus
 
 try:
@@ -210,7 +210,7 @@ def test_a_planted_host_array_fails_on_the_fake_device(monkeypatch, plant):
         monkeypatch.setattr(nn, "relu", _host_relu)
         path = fused.plain()                            # the plain path calls nn.relu
     elif plant == "fused":
-        monkeypatch.setattr(fused, "_relu_mask", _host_relu_mask)
+        monkeypatch.setattr(fused_layers, "_relu_mask", _host_relu_mask)
     else:
         monkeypatch.setattr(backend, "zeros", _host_zeros)
     p = _problem("mlp")
