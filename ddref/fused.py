@@ -41,7 +41,7 @@ from autograd.builtins import dict as traced_dict
 from autograd.extend import defvjp_argnums, primitive
 from autograd.tracer import getval
 
-from ddref import losses
+from ddref import kernels, losses
 from ddref.fused_layers import (ConvReluPool, Dense, Flatten, FlattenCNHW, ToCNHW,  # noqa: F401
                                 _conv_matrix, _relu_mask, matmul)
 from ddref.kernels import patches_cnhw, patches_cnhw_adjoint  # noqa: F401  (re-exported)
@@ -76,6 +76,8 @@ class CrossEntropy:
 
     @staticmethod
     def forward(logits, targets):
+        if kernels.fusable(logits, targets):                      # one kernel on a device
+            return kernels.softmax_cross_entropy(logits, targets)
         n = logits.shape[-2]
         log_p = _log_softmax(logits)
         p = anp.exp(log_p)
@@ -89,6 +91,8 @@ class CrossEntropy:
     @staticmethod
     def tangent(cache, targets, z_dot):
         p, row_mass, _ = cache
+        if kernels.fusable(z_dot, p):
+            return kernels.softmax_cross_entropy_tangent(p, row_mass, z_dot)
         n = z_dot.shape[-2]
         log_p_dot = z_dot - anp.sum(p * z_dot, axis=-1, keepdims=True)   # d log softmax
         return p * log_p_dot * row_mass / n, -log_p_dot / n

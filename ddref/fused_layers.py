@@ -29,6 +29,7 @@ import autograd.numpy as anp
 from autograd.extend import defvjp, primitive
 from autograd.tracer import getval
 
+from ddref import kernels
 from ddref.kernels import patches_cnhw, patches_cnhw_adjoint, pool_relu, pool_tangent, unpool
 
 
@@ -98,7 +99,11 @@ class Dense:
         return (self.w, self.b)
 
     def forward(self, params, h):
-        z = matmul(h, params[self.w]) + _row(params[self.b])
+        mm, b = matmul(h, params[self.w]), _row(params[self.b])
+        if self.relu and kernels.fusable(mm, b):                  # one kernel on a device
+            out, mask = kernels.bias_relu(mm, b)
+            return out, (h, mask)
+        z = mm + b
         if not self.relu:
             return z, (h, None)
         mask = _relu_mask(z)
@@ -106,9 +111,13 @@ class Dense:
 
     def tangent(self, params, dparams, cache, h_dot):
         h, mask = cache
-        z_dot = matmul(h, dparams[self.w]) + _row(dparams[self.b])
-        if h_dot is not None:
-            z_dot = z_dot + matmul(h_dot, params[self.w])
+        mm, db = matmul(h, dparams[self.w]), _row(dparams[self.b])
+        mm_in = None if h_dot is None else matmul(h_dot, params[self.w])
+        if mask is not None and kernels.fusable(mm, db, mm_in):   # one kernel on a device
+            return kernels.add_mask(mm, db, mask, mm_in), h_dot
+        z_dot = mm + db
+        if mm_in is not None:
+            z_dot = z_dot + mm_in
         return (z_dot if mask is None else z_dot * mask), h_dot
 
     def backward(self, params, cache, g, need_input_grad):
@@ -121,7 +130,9 @@ class Dense:
 
     def backward_tangent(self, params, dparams, cache, h_dot, g, g_dot, need_input_grad):
         h, mask = cache
-        if mask is not None:
+        if mask is not None and kernels.fusable(g, g_dot):
+            g, g_dot = kernels.mask_both(g, g_dot, mask)
+        elif mask is not None:
             g, g_dot = g * mask, g_dot * mask
         g_h, grads = self.backward(params, (h, None), g, need_input_grad)
         dw = matmul(_t(h), g_dot)
@@ -187,22 +198,13 @@ class FlattenCNHW:
 
 
 def _conv_matrix(w):
-    """w (O, C, kh, kw) as the (O, kh·kw·C) matrix that multiplies :func:`patches_cnhw`."""
-    return anp.reshape(anp.transpose(w, (0, 2, 3, 1)), (w.shape[0], -1))
+    """w (O, C, kh, kw) as the (O, C·kh·kw) matrix that multiplies :func:`patches_cnhw` (a view)."""
+    return anp.reshape(w, (w.shape[0], -1))
 
 
 def _conv_weight(m, shape):
-    """The inverse of :func:`_conv_matrix`: (O, kh·kw·C) → (O, C, kh, kw)."""
-    o, c, kh, kw = shape
-    return anp.transpose(anp.reshape(m, (o, kh, kw, c)), (0, 3, 1, 2))
-
-
-
-# Convolutions run channel-major: activations (C, N, H, W) and a patch matrix (kh·kw·C, N·Ho·Wo)
-# whose rows are contiguous shifted copies of the input (:func:`ddref.kernels.patches_cnhw`),
-# so the convolution is one wide matrix product (O, kh·kw·C) @ (kh·kw·C, N·Ho·Wo) whose
-# result is again channel-major.  (The plain ``nn.conv2d_nhwc`` builds (N·Ho·Wo, C·kh·kw)
-# patches, whose copy and adjoint are strided.)
+    """The inverse of :func:`_conv_matrix`: (O, C·kh·kw) → (O, C, kh, kw)."""
+    return anp.reshape(m, shape)
 
 
 @dataclass(frozen=True)
@@ -223,9 +225,6 @@ class ConvReluPool:
     def params(self):
         return (self.w, self.b)
 
-    def _conv(self, w, b, cols):
-        return matmul(_conv_matrix(w), cols) + anp.reshape(b, (-1, 1))      # (O, N·Ho·Wo)
-
     def _z_shape(self, h_shape, w_shape):
         (_, n, h, w), (o, _, kh, kw) = h_shape, w_shape
         return o, n, h + 2 * self.pad - kh + 1, w + 2 * self.pad - kw + 1
@@ -235,17 +234,26 @@ class ConvReluPool:
         kh, kw = w.shape[2:]
         cols = patches_cnhw(h, kh, kw, self.pad)
         z_shape = self._z_shape(h.shape, w.shape)
-        out, route = pool_relu(self._conv(w, params[self.b], cols), z_shape)
+        mm, b = matmul(_conv_matrix(w), cols), params[self.b]
+        if kernels.fusable(mm, b):                                # + b inside the pool kernel
+            out, route = kernels.pool_relu(mm, z_shape, bias=b)
+        else:
+            out, route = pool_relu(mm + anp.reshape(b, (-1, 1)), z_shape)
         return out, (h.shape, cols, z_shape, route)
 
     def tangent(self, params, dparams, cache, h_dot):
         h_shape, cols, z_shape, route = cache
         w = params[self.w]
-        z_dot = self._conv(dparams[self.w], dparams[self.b], cols)
-        cols_dot = None
+        mm, db = matmul(_conv_matrix(dparams[self.w]), cols), dparams[self.b]
+        cols_dot = mm_in = None
         if h_dot is not None:
             cols_dot = patches_cnhw(h_dot, *w.shape[2:], self.pad)
-            z_dot = z_dot + matmul(_conv_matrix(w), cols_dot)
+            mm_in = matmul(_conv_matrix(w), cols_dot)
+        if kernels.fusable(mm, db, mm_in):                       # one kernel on a device
+            return kernels.pool_tangent_sum(mm, db, mm_in, route, z_shape), cols_dot
+        z_dot = mm + anp.reshape(db, (-1, 1))
+        if mm_in is not None:
+            z_dot = z_dot + mm_in
         return pool_tangent(z_dot, route, z_shape), cols_dot
 
     @staticmethod
@@ -271,7 +279,10 @@ class ConvReluPool:
     def backward_tangent(self, params, dparams, cache, cols_dot, g, g_dot, need_input_grad):
         h_shape, cols, _, _ = cache
         w, w_dot = params[self.w], dparams[self.w]
-        g_z, g_z_dot = self._unpool(g, cache), self._unpool(g_dot, cache)
+        if kernels.fusable(g, g_dot):                             # both in one kernel on a device
+            g_z, g_z_dot = kernels.unpool_pair(g, g_dot, cache[3], cache[2])
+        else:
+            g_z, g_z_dot = self._unpool(g, cache), self._unpool(g_dot, cache)
         g_h, grads = self._backward_z(params, cache, g_z, need_input_grad)
         dw = matmul(g_z_dot, anp.transpose(cols))
         if cols_dot is not None:

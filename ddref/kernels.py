@@ -17,9 +17,9 @@ float64, values and derivatives.
 Shapes (channel-major, as :mod:`ddref.fused_layers` uses them):
 
 =========================  =====================================================
-``patches_cnhw``           x (C, N, H, W) → P (kh·kw·C, N·Ho·Wo),
-                           P[(i, j, c), (n, y, x)] = x_pad[c, n, y + i, x + j]
-``patches_cnhw_adjoint``   P → x (C, N, H, W):  x[c, n, y, x] = Σ_{i,j} P[(i, j, c), (n, y+p−i, x+p−j)]
+``patches_cnhw``           x (C, N, H, W) → P (C·kh·kw, N·Ho·Wo),
+                           P[(c, i, j), (n, y, x)] = x_pad[c, n, y + i, x + j]
+``patches_cnhw_adjoint``   P → x (C, N, H, W):  x[c, n, y, x] = Σ_{i,j} P[(c, i, j), (n, y+p−i, x+p−j)]
 ``pool_relu``              z (O, N·Ho·Wo) → relu(max over each 2×2 window) (O, N, Ho/2, Wo/2)
 ``unpool``                 its derivative: each window's gradient to its maxima (ties split)
 ``pool_tangent``           the adjoint of ``unpool``: Σ over the window of ż · route
@@ -58,19 +58,21 @@ def _on_host():
 
 @primitive
 def patches_cnhw(x, kh, kw, pad=0):
-    """The stride-1 patch matrix of x (C, N, H, W): row (i, j, c), column (n, y, x) holds
-    x_padded[c, n, y + i, x + j].  Linear in x; its adjoint is :func:`patches_cnhw_adjoint`."""
+    """The stride-1 patch matrix of x (C, N, H, W): row (c, i, j), column (n, y, x) holds
+    x_padded[c, n, y + i, x + j] — rows in the order of a conv weight's (C, kh, kw) axes, so
+    the weight (O, C, kh, kw) multiplies it as its (O, C·kh·kw) reshape, a view.  Linear in x;
+    its adjoint is :func:`patches_cnhw_adjoint`."""
     if not _on_host():
         return _launch("patches", x, kh, kw, pad)
     c, n, h, w = x.shape
     ho, wo = _out_size(h, w, kh, kw, pad)
     if pad:
         x = numpy.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    out = numpy.empty((kh, kw, c, n, ho, wo), dtype=x.dtype)
+    out = numpy.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
-            out[i, j] = x[:, :, i: i + ho, j: j + wo]
-    return out.reshape(kh * kw * c, n * ho * wo)
+            out[:, i, j] = x[:, :, i: i + ho, j: j + wo]
+    return out.reshape(c * kh * kw, n * ho * wo)
 
 
 @primitive
@@ -80,11 +82,11 @@ def patches_cnhw_adjoint(cols, x_shape, kh, kw, pad=0):
         return _launch("patches_adjoint", cols, tuple(x_shape), kh, kw, pad)
     c, n, h, w = x_shape
     ho, wo = _out_size(h, w, kh, kw, pad)
-    cols = cols.reshape(kh, kw, c, n, ho, wo)
+    cols = cols.reshape(c, kh, kw, n, ho, wo)
     out = numpy.zeros((c, n, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
     for i in range(kh):
         for j in range(kw):
-            out[:, :, i: i + ho, j: j + wo] += cols[i, j]
+            out[:, :, i: i + ho, j: j + wo] += cols[:, i, j]
     return out[:, :, pad: pad + h, pad: pad + w] if pad else out
 
 
@@ -96,25 +98,25 @@ def _emulate_patches(x, kh, kw, pad):
     """One thread per element of P: read x at (c, n, y + i − p, x + j − p), or 0 outside."""
     c, n, h, w = x.shape
     ho, wo = _out_size(h, w, kh, kw, pad)
-    i, j, cc, nn, y, xx = numpy.ogrid[:kh, :kw, :c, :n, :ho, :wo]
+    cc, i, j, nn, y, xx = numpy.ogrid[:c, :kh, :kw, :n, :ho, :wo]
     ys, xs = y + i - pad, xx + j - pad
     inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
     out = numpy.where(inside, x[cc, nn, ys.clip(0, h - 1), xs.clip(0, w - 1)], 0).astype(x.dtype)
-    return out.reshape(kh * kw * c, n * ho * wo)
+    return out.reshape(c * kh * kw, n * ho * wo)
 
 
 def _emulate_patches_adjoint(cols, x_shape, kh, kw, pad):
     """One thread per pixel of x: gather, in the order i then j, the entries of P that read it."""
     c, n, h, w = x_shape
     ho, wo = _out_size(h, w, kh, kw, pad)
-    cols = cols.reshape(kh, kw, c, n, ho, wo)
+    cols = cols.reshape(c, kh, kw, n, ho, wo)
     cc, nn, y, xx = numpy.ogrid[:c, :n, :h, :w]
     acc = numpy.zeros(x_shape, dtype=cols.dtype)
     for i in range(kh):
         for j in range(kw):
             ys, xs = y + pad - i, xx + pad - j
             inside = (ys >= 0) & (ys < ho) & (xs >= 0) & (xs < wo)
-            acc = acc + numpy.where(inside, cols[i, j][cc, nn, ys.clip(0, ho - 1), xs.clip(0, wo - 1)], 0)
+            acc = acc + numpy.where(inside, cols[:, i, j][cc, nn, ys.clip(0, ho - 1), xs.clip(0, wo - 1)], 0)
     return acc
 
 
@@ -124,17 +126,21 @@ def _emulate_patches_adjoint(cols, x_shape, kh, kw, pad):
 # linear maps, adjoint to each other, and autograd differentiates through them to any order.
 
 
-def pool_relu(z, z_shape):
+def pool_relu(z, z_shape, bias=None):
     """relu(max-pool 2×2 (z)) for z (O, N·Ho·Wo) laid out as ``z_shape`` (O, N, Ho, Wo) (odd
-    trailing rows / columns dropped), and the routing its derivatives need."""
-    value, route = _pool(getval(z), z_shape)
+    trailing rows / columns dropped), and the routing its derivatives need.  ``bias`` (O,),
+    untraced values only: the pool of z + bias (the kernel adds it on the way)."""
+    value, route = _pool(getval(z), z_shape, bias)
     return _pooled(z, value, route, z_shape), route
 
 
-def _pool(z, z_shape):
+def _pool(z, z_shape, bias=None):
     """(relu(max), (hit, scale)) — one kernel on a device."""
     if not _on_host():
-        return _launch("pool", z, z_shape)
+        bias = backend.xp().zeros((z_shape[0],), dtype=z.dtype) if bias is None else bias
+        return _launch("pool", z, bias, z_shape)
+    if bias is not None:
+        z = z + numpy.reshape(bias, (-1, 1))
     windows = _windows(z, z_shape)
     pooled = numpy.maximum(numpy.maximum(windows[:, :, 0, :, 0], windows[:, :, 0, :, 1]),
                            numpy.maximum(windows[:, :, 1, :, 0], windows[:, :, 1, :, 1]))
@@ -200,10 +206,11 @@ def _corners(a, z_shape):
     return [a[:, di: ho // 2 * 2: 2, dj: wo // 2 * 2: 2] for di in (0, 1) for dj in (0, 1)]
 
 
-def _emulate_pool(z, z_shape):
+def _emulate_pool(z, bias, z_shape):
     """One thread per window: its maximum, which corners reach it, and [max > 0] / their count.
     ``hit`` is laid out like z (1 at a window's maxima, 0 elsewhere and in cropped rows)."""
     o, n, ho, wo = z_shape
+    z = z + bias[:, None]
     a, b, c, d = _corners(z, z_shape)
     top = numpy.maximum(numpy.maximum(a, b), numpy.maximum(c, d))
     hits = [(corner == top).astype(z.dtype) for corner in (a, b, c, d)]
@@ -214,6 +221,21 @@ def _emulate_pool(z, z_shape):
     scale = relu / (hits[0] + hits[1] + hits[2] + hits[3])
     shape = (o, n, ho // 2, wo // 2)
     return (top * relu).reshape(shape), (hit.reshape(o, n * ho * wo), scale.reshape(shape))
+
+
+def pool_tangent_sum(a, bias, c, route, z_shape):
+    """:func:`pool_tangent` of ż = a + bias (O,) [+ c], untraced, as one kernel on a device."""
+    return _launch("pool_tangent_sum", a, bias, a if c is None else c, c is not None, route, z_shape)
+
+
+def unpool_pair(g, g_dot, route, z_shape):
+    """(unpool(g), unpool(ġ)) as one kernel on a device (untraced)."""
+    return _launch("unpool_pair", g, g_dot, route, z_shape)
+
+
+def _emulate_pool_tangent_sum(a, bias, c, has_c, route, z_shape):
+    z_dot = a + bias[:, None]
+    return _emulate_pool_tangent(z_dot + c if has_c else z_dot, route, z_shape)
 
 
 def _emulate_unpool(g, route, z_shape):
@@ -235,8 +257,75 @@ def _emulate_pool_tangent(z_dot, route, z_shape):
     return total.reshape(o, n, ho // 2, wo // 2) * scale
 
 
+# ---------------------------------------------------------------------------- element-wise chains
+# On a device, a chain of small element-wise operations costs one kernel launch each; these
+# run a whole chain as one.  They are used only on a device and only on untraced values
+# (``fusable``): the readable composition stays the reference, and the one autograd traces.
+
+
+def fusable(*values):
+    """True when a chain may run as one kernel: a device backend and no autograd tracing."""
+    return not _on_host() and all(getval(v) is v for v in values if v is not None)
+
+
+def bias_relu(mm, b):
+    """(relu(mm + b), [mm + b > 0]) for a product mm and a broadcast bias b."""
+    return _launch("bias_relu", mm, b)
+
+
+def add_mask(a, b, mask, c=None):
+    """(a + b [+ c]) · mask."""
+    return _launch("add_mask", a, b, mask) if c is None else _launch("add3_mask", a, b, c, mask)
+
+
+def mask_both(g, g_dot, mask):
+    """(g · mask, ġ · mask)."""
+    return _launch("mask_both", g, g_dot, mask)
+
+
+def softmax_cross_entropy(z, t):
+    """Row by row over the last axis (N rows per network): ℓ = −Σ t · log p / N with
+    p = softmax(z), ∂ℓ/∂z = (p Σ_k t − t) / N, and the cache (p, Σ_k t, log p)."""
+    return _launch("xent", z, t)
+
+
+def softmax_cross_entropy_tangent(p, mass, z_dot):
+    """Along ż: d(∂ℓ/∂z) = p (ż − ⟨p, ż⟩) Σ_k t / N and d(∂ℓ/∂t) = −(ż − ⟨p, ż⟩) / N."""
+    return _launch("xent_tangent", p, mass, z_dot)
+
+
+def _emulate_bias_relu(mm, b):
+    z = mm + b
+    mask = (z > 0).astype(z.dtype)
+    return z * mask, mask
+
+
+def _emulate_xent(z, t):
+    n = z.shape[-2]
+    shifted = z - z.max(axis=-1, keepdims=True)
+    log_p = shifted - numpy.log(numpy.exp(shifted).sum(axis=-1, keepdims=True))
+    p = numpy.exp(log_p)
+    mass = t.sum(axis=-1, keepdims=True)
+    row_loss = -(t * log_p).sum(axis=-1) / n
+    return row_loss.sum(), (p * mass - t) / n, (p, mass, log_p)
+
+
+def _emulate_xent_tangent(p, mass, z_dot):
+    n = z_dot.shape[-2]
+    log_p_dot = z_dot - (p * z_dot).sum(axis=-1, keepdims=True)
+    return p * log_p_dot * mass / n, -log_p_dot / n
+
+
 _EMULATED = {"patches": _emulate_patches, "patches_adjoint": _emulate_patches_adjoint,
-             "pool": _emulate_pool, "unpool": _emulate_unpool, "pool_tangent": _emulate_pool_tangent}
+             "pool": _emulate_pool, "unpool": _emulate_unpool, "pool_tangent": _emulate_pool_tangent,
+             "pool_tangent_sum": _emulate_pool_tangent_sum,
+             "unpool_pair": lambda g, g_dot, route, z_shape: (_emulate_unpool(g, route, z_shape),
+                                                              _emulate_unpool(g_dot, route, z_shape)),
+             "bias_relu": _emulate_bias_relu,
+             "add_mask": lambda a, b, mask: (a + b) * mask,
+             "add3_mask": lambda a, b, c, mask: (a + b + c) * mask,
+             "mask_both": lambda g, g_dot, mask: (g * mask, g_dot * mask),
+             "xent": _emulate_xent, "xent_tangent": _emulate_xent_tangent}
 
 
 # ---------------------------------------------------------------------------- CuPy kernels
@@ -244,13 +333,13 @@ _EMULATED = {"patches": _emulate_patches, "patches_adjoint": _emulate_patches_ad
 
 _SOURCES = {
     "patches": (
-        "raw T x, int32 c, int32 n, int32 h, int32 w, int32 ho, int32 wo, int32 kw, int32 pad", "T col",
+        "raw T x, int32 n, int32 h, int32 w, int32 ho, int32 wo, int32 kh, int32 kw, int32 pad", "T col",
         """
         int ox = i % wo; int r = i / wo;
         int oy = r % ho; r /= ho;
         int b = r % n; r /= n;
-        int ch = r % c; r /= c;
-        int dj = r % kw; int di = r / kw;
+        int dj = r % kw; r /= kw;
+        int di = r % kh; int ch = r / kh;
         int y = oy + di - pad, xx = ox + dj - pad;
         col = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[((ch * n + b) * h + y) * w + xx] : (T)0;
         """),
@@ -268,17 +357,18 @@ _SOURCES = {
             for (int dj = 0; dj < kw; ++dj) {
                 int ox = xx + pad - dj;
                 if (ox < 0 || ox >= wo) continue;
-                acc += col[((((di * kw + dj) * c + ch) * n + b) * ho + oy) * wo + ox];
+                acc += col[((((ch * kh + di) * kw + dj) * n + b) * ho + oy) * wo + ox];
             }
         }
         img = acc;
         """),
     "pool": (
-        "raw T z, int32 ho, int32 wo, int32 hp, int32 wp", "T out, T scale, raw T hit",
+        "raw T z, raw T bias, int32 nb, int32 ho, int32 wo, int32 hp, int32 wp", "T out, T scale, raw T hit",
         """
         int q = i % wp; int r = i / wp; int p = r % hp; int m = r / hp;
         long long k = ((long long)m * ho + 2 * p) * wo + 2 * q;
-        T a = z[k], b = z[k + 1], c = z[k + wo], d = z[k + wo + 1];
+        T bb = bias[m / nb];
+        T a = z[k] + bb, b = z[k + 1] + bb, c = z[k + wo] + bb, d = z[k + wo + 1] + bb;
         T ab = a > b || a != a ? a : b, cd = c > d || c != c ? c : d;
         T top = ab > cd || ab != ab ? ab : cd;
         T ha = a == top, hb = b == top, hc = c == top, hd = d == top;
@@ -295,6 +385,29 @@ _SOURCES = {
         long long k = ((long long)m * hp + p) * wp + q;
         gz = hit * (g[k] * scale[k]);
         """),
+    "unpool_pair": (
+        "T hit, raw T g, raw T gd, raw T scale, int32 ho, int32 wo, int32 hp, int32 wp", "T gz, T gzd",
+        """
+        int x = i % wo; int r = i / wo; int y = r % ho; int m = r / ho;
+        int p = min(y / 2, hp - 1), q = min(x / 2, wp - 1);
+        long long k = ((long long)m * hp + p) * wp + q;
+        gz = hit * (g[k] * scale[k]); gzd = hit * (gd[k] * scale[k]);
+        """),
+    "pool_tangent_sum": (
+        "raw T a, raw T bias, raw T c, bool has_c, raw T hit, T scale, int32 nb, int32 ho, int32 wo, "
+        "int32 hp, int32 wp", "T pd",
+        """
+        int q = i % wp; int r = i / wp; int p = r % hp; int m = r / hp;
+        long long k = ((long long)m * ho + 2 * p) * wo + 2 * q;
+        T bb = bias[m / nb], s = 0;
+        long long at[4] = {k, k + 1, k + wo, k + wo + 1};
+        for (int e = 0; e < 4; ++e) {
+            T zd = a[at[e]] + bb;
+            if (has_c) zd += c[at[e]];
+            s += zd * hit[at[e]];
+        }
+        pd = s * scale;
+        """),
     "pool_tangent": (
         "raw T zd, raw T hit, T scale, int32 ho, int32 wo, int32 hp, int32 wp", "T pd",
         """
@@ -302,6 +415,39 @@ _SOURCES = {
         long long k = ((long long)m * ho + 2 * p) * wo + 2 * q;
         pd = (zd[k] * hit[k] + zd[k + 1] * hit[k + 1] + zd[k + wo] * hit[k + wo]
               + zd[k + wo + 1] * hit[k + wo + 1]) * scale;
+        """),
+    "bias_relu": (
+        "T mm, T b", "T out, T mask",
+        "T z = mm + b; mask = z > 0 ? (T)1 : (T)0; out = z * mask;"),
+    "add_mask": ("T a, T b, T mask", "T out", "out = (a + b) * mask;"),
+    "add3_mask": ("T a, T b, T c, T mask", "T out", "out = (a + b + c) * mask;"),
+    "mask_both": ("T g, T gd, T mask", "T og, T ogd", "og = g * mask; ogd = gd * mask;"),
+    "xent": (           # one thread per row of k logits
+        "raw T z, raw T t, int32 k, int32 n", "T row_loss, T mass, raw T g, raw T p, raw T logp",
+        """
+        long long o = (long long)i * k;
+        T top = z[o];
+        for (int c = 1; c < k; ++c) top = z[o + c] > top ? z[o + c] : top;
+        T s = 0;
+        for (int c = 0; c < k; ++c) s += exp(z[o + c] - top);
+        T lse = log(s), tm = 0, l = 0;
+        for (int c = 0; c < k; ++c) {
+            T lp = (z[o + c] - top) - lse;
+            logp[o + c] = lp; p[o + c] = exp(lp); tm += t[o + c]; l += t[o + c] * lp;
+        }
+        for (int c = 0; c < k; ++c) g[o + c] = (p[o + c] * tm - t[o + c]) / n;
+        row_loss = -l / n; mass = tm;
+        """),
+    "xent_tangent": (
+        "raw T p, T mass, raw T zd, int32 k, int32 n", "raw T gd, raw T td",
+        """
+        long long o = (long long)i * k;
+        T s = 0;
+        for (int c = 0; c < k; ++c) s += p[o + c] * zd[o + c];
+        for (int c = 0; c < k; ++c) {
+            T lpd = zd[o + c] - s;
+            gd[o + c] = p[o + c] * lpd * mass / n; td[o + c] = -lpd / n;
+        }
         """),
 }
 _COMPILED: dict = {}
@@ -317,8 +463,8 @@ def _kernel(cp, name):
 def _cupy_patches(cp, x, kh, kw, pad):
     c, n, h, w = x.shape
     ho, wo = _out_size(h, w, kh, kw, pad)
-    out = cp.empty((kh * kw * c, n * ho * wo), dtype=x.dtype)
-    return _kernel(cp, "patches")(cp.ascontiguousarray(x), c, n, h, w, ho, wo, kw, pad, out)
+    out = cp.empty((c * kh * kw, n * ho * wo), dtype=x.dtype)
+    return _kernel(cp, "patches")(cp.ascontiguousarray(x), n, h, w, ho, wo, kh, kw, pad, out)
 
 
 def _cupy_patches_adjoint(cp, cols, x_shape, kh, kw, pad):
@@ -328,13 +474,32 @@ def _cupy_patches_adjoint(cp, cols, x_shape, kh, kw, pad):
     return _kernel(cp, "patches_adjoint")(cp.ascontiguousarray(cols), c, n, h, w, ho, wo, kh, kw, pad, out)
 
 
-def _cupy_pool(cp, z, z_shape):
+def _cupy_pool(cp, z, bias, z_shape):
     o, n, ho, wo = z_shape
     shape = (o, n, ho // 2, wo // 2)
     out, scale = cp.empty(shape, dtype=z.dtype), cp.empty(shape, dtype=z.dtype)
     hit = (cp.zeros if ho % 2 or wo % 2 else cp.empty)((o, n * ho * wo), dtype=z.dtype)
-    _kernel(cp, "pool")(cp.ascontiguousarray(z), ho, wo, ho // 2, wo // 2, out, scale, hit)
+    _kernel(cp, "pool")(cp.ascontiguousarray(z), cp.ascontiguousarray(bias), n, ho, wo, ho // 2, wo // 2,
+                        out, scale, hit)
     return out, (hit, scale)
+
+
+def _cupy_unpool_pair(cp, g, g_dot, route, z_shape):
+    hit, scale = route
+    o, n, ho, wo = z_shape
+    out, out_dot = cp.empty((o, n * ho * wo), dtype=hit.dtype), cp.empty((o, n * ho * wo), dtype=hit.dtype)
+    _kernel(cp, "unpool_pair")(hit, cp.ascontiguousarray(g), cp.ascontiguousarray(g_dot), scale,
+                               ho, wo, ho // 2, wo // 2, out, out_dot)
+    return out, out_dot
+
+
+def _cupy_pool_tangent_sum(cp, a, bias, c, has_c, route, z_shape):
+    hit, scale = route
+    o, n, ho, wo = z_shape
+    out = cp.empty((o, n, ho // 2, wo // 2), dtype=hit.dtype)
+    return _kernel(cp, "pool_tangent_sum")(cp.ascontiguousarray(a), cp.ascontiguousarray(bias),
+                                           cp.ascontiguousarray(c), has_c, hit, scale, n, ho, wo,
+                                           ho // 2, wo // 2, out)
 
 
 def _cupy_unpool(cp, g, route, z_shape):
@@ -351,5 +516,29 @@ def _cupy_pool_tangent(cp, z_dot, route, z_shape):
     return _kernel(cp, "pool_tangent")(cp.ascontiguousarray(z_dot), hit, scale, ho, wo, ho // 2, wo // 2, out)
 
 
+def _cupy_xent(cp, z, t):
+    z, t = cp.ascontiguousarray(z), cp.ascontiguousarray(t)
+    rows, k, n = z.shape[:-1], z.shape[-1], z.shape[-2]
+    row_loss, mass = cp.empty(rows, dtype=z.dtype), cp.empty(rows, dtype=z.dtype)
+    g, p, log_p = cp.empty_like(z), cp.empty_like(z), cp.empty_like(z)
+    _kernel(cp, "xent")(z, t, k, n, row_loss, mass, g, p, log_p)
+    return cp.sum(row_loss), g, (p, mass[..., None], log_p)
+
+
+def _cupy_xent_tangent(cp, p, mass, z_dot):
+    z_dot = cp.ascontiguousarray(z_dot)
+    g_dot, t_dot = cp.empty_like(z_dot), cp.empty_like(z_dot)
+    _kernel(cp, "xent_tangent")(p, mass[..., 0], z_dot, z_dot.shape[-1], z_dot.shape[-2], g_dot, t_dot)
+    return g_dot, t_dot
+
+
+def _elementwise(name):
+    return lambda cp, *args: _kernel(cp, name)(*args)
+
+
 _CUPY = {"patches": _cupy_patches, "patches_adjoint": _cupy_patches_adjoint, "pool": _cupy_pool,
-         "unpool": _cupy_unpool, "pool_tangent": _cupy_pool_tangent}
+         "unpool": _cupy_unpool, "pool_tangent": _cupy_pool_tangent,
+         "unpool_pair": _cupy_unpool_pair, "pool_tangent_sum": _cupy_pool_tangent_sum,
+         "bias_relu": _elementwise("bias_relu"), "add_mask": _elementwise("add_mask"),
+         "add3_mask": _elementwise("add3_mask"), "mask_both": _elementwise("mask_both"),
+         "xent": _cupy_xent, "xent_tangent": _cupy_xent_tangent}
