@@ -278,6 +278,11 @@ def add_mask(a, b, mask, c=None):
     return _launch("add_mask", a, b, mask) if c is None else _launch("add3_mask", a, b, c, mask)
 
 
+def step(p, g, lr):
+    """p − lr · g (lr a 0-d array or number)."""
+    return _launch("step", p, g, lr)
+
+
 def mask_both(g, g_dot, mask):
     """(g · mask, ġ · mask)."""
     return _launch("mask_both", g, g_dot, mask)
@@ -321,7 +326,7 @@ _EMULATED = {"patches": _emulate_patches, "patches_adjoint": _emulate_patches_ad
              "pool_tangent_sum": _emulate_pool_tangent_sum,
              "unpool_pair": lambda g, g_dot, route, z_shape: (_emulate_unpool(g, route, z_shape),
                                                               _emulate_unpool(g_dot, route, z_shape)),
-             "bias_relu": _emulate_bias_relu,
+             "bias_relu": _emulate_bias_relu, "step": lambda p, g, lr: p - lr * g,
              "add_mask": lambda a, b, mask: (a + b) * mask,
              "add3_mask": lambda a, b, c, mask: (a + b + c) * mask,
              "mask_both": lambda g, g_dot, mask: (g * mask, g_dot * mask),
@@ -420,6 +425,7 @@ _SOURCES = {
         "T mm, T b", "T out, T mask",
         "T z = mm + b; mask = z > 0 ? (T)1 : (T)0; out = z * mask;"),
     "add_mask": ("T a, T b, T mask", "T out", "out = (a + b) * mask;"),
+    "step": ("T p, T g, T lr", "T out", "out = p - lr * g;"),
     "add3_mask": ("T a, T b, T c, T mask", "T out", "out = (a + b + c) * mask;"),
     "mask_both": ("T g, T gd, T mask", "T og, T ogd", "og = g * mask; ogd = gd * mask;"),
     "xent": (           # one thread per row of k logits
@@ -540,5 +546,5 @@ _CUPY = {"patches": _cupy_patches, "patches_adjoint": _cupy_patches_adjoint, "po
          "unpool": _cupy_unpool, "pool_tangent": _cupy_pool_tangent,
          "unpool_pair": _cupy_unpool_pair, "pool_tangent_sum": _cupy_pool_tangent_sum,
          "bias_relu": _elementwise("bias_relu"), "add_mask": _elementwise("add_mask"),
-         "add3_mask": _elementwise("add3_mask"), "mask_both": _elementwise("mask_both"),
+         "add3_mask": _elementwise("add3_mask"), "step": _elementwise("step"), "mask_both": _elementwise("mask_both"),
          "xent": _cupy_xent, "xent_tangent": _cupy_xent_tangent}
