@@ -329,11 +329,13 @@ def test_an_outer_iteration_has_few_device_operations_and_host_syncs():
     (10 steps × 3 epochs, 10 images per step) on the fake device: LeNet took 20,978 device
     operations and 3 host syncs before the kernels; at least 4× fewer now, and at most 2
     syncs (the finiteness check and the loss).  Counts, not times: they are deterministic."""
-    import sys
+    import importlib.util
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import gpu_smoke
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_smoke.py"
+    spec = importlib.util.spec_from_file_location("gpu_smoke", path)   # not benchmarks/ on sys.path:
+    gpu_smoke = importlib.util.module_from_spec(spec)                   # its profile.py would shadow
+    spec.loader.exec_module(gpu_smoke)                                  # the standard module
 
     lenet = gpu_smoke.count_outer_iteration("lenet", 4)
     mlp = gpu_smoke.count_outer_iteration("mlp", 4)
