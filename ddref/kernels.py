@@ -142,11 +142,11 @@ def _pool(z, z_shape, bias=None):
     if bias is not None:
         z = z + numpy.reshape(bias, (-1, 1))
     windows = _windows(z, z_shape)
-    pooled = numpy.maximum(numpy.maximum(windows[:, :, 0, :, 0], windows[:, :, 0, :, 1]),
-                           numpy.maximum(windows[:, :, 1, :, 0], windows[:, :, 1, :, 1]))
+    rows = numpy.maximum(windows[:, :, 0], windows[:, :, 1])            # the larger of each row pair
+    pooled = numpy.maximum(rows[..., 0], rows[..., 1])                   # … then of each column pair
     hit = windows == pooled[:, :, None, :, None]
-    count = (hit[:, :, 0, :, 0].astype(pooled.dtype) + hit[:, :, 0, :, 1]
-             + hit[:, :, 1, :, 0] + hit[:, :, 1, :, 1])
+    ones = hit.view(numpy.uint8)                                         # count the maxima in bytes
+    count = ones[:, :, 0, :, 0] + ones[:, :, 0, :, 1] + ones[:, :, 1, :, 0] + ones[:, :, 1, :, 1]
     mask = (pooled > 0).astype(pooled.dtype)
     o, n, ho, wo = z_shape
     return numpy.reshape(pooled * mask, (o, n, ho // 2, wo // 2)), (hit, mask / count)
