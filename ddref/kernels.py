@@ -141,24 +141,27 @@ def _pool(z, z_shape, bias=None):
         return _launch("pool", z, bias, z_shape)
     if bias is not None:
         z = z + numpy.reshape(bias, (-1, 1))
-    windows = _windows(z, z_shape)
-    rows = numpy.maximum(windows[:, :, 0], windows[:, :, 1])            # the larger of each row pair
-    pooled = numpy.maximum(rows[..., 0], rows[..., 1])                   # … then of each column pair
-    hit = windows == pooled[:, :, None, :, None]
-    ones = hit.view(numpy.uint8)                                         # count the maxima in bytes
-    count = ones[:, :, 0, :, 0] + ones[:, :, 0, :, 1] + ones[:, :, 1, :, 0] + ones[:, :, 1, :, 1]
+    corners = _window_corners(z, z_shape)                        # 4 × (O·N, Ho/2, Wo/2) views
+    pooled = numpy.maximum(numpy.maximum(corners[0], corners[1]), numpy.maximum(corners[2], corners[3]))
+    hit = numpy.empty((4, *pooled.shape), dtype=bool)                  # which corners are maxima
+    for k in range(4):
+        numpy.equal(corners[k], pooled, out=hit[k])
+    ones = hit.view(numpy.uint8)                                        # count them in bytes
+    count = ones[0] + ones[1] + ones[2] + ones[3]
     mask = (pooled > 0).astype(pooled.dtype)
     o, n, ho, wo = z_shape
     return numpy.reshape(pooled * mask, (o, n, ho // 2, wo // 2)), (hit, mask / count)
 
 
-def _windows(z, z_shape):
-    """(O·N, Ho/2, 2, Wo/2, 2): the 2×2 windows of z (O, N·Ho·Wo)."""
+_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+def _window_corners(z, z_shape):
+    """The four corners (0,0), (0,1), (1,0), (1,1) of every 2×2 window of z (O, N·Ho·Wo), as
+    (O·N, Ho/2, Wo/2) views (odd trailing rows / columns dropped)."""
     o, n, ho, wo = z_shape
-    z = numpy.reshape(z, z_shape)
-    if ho % 2 or wo % 2:
-        z = z[:, :, : ho // 2 * 2, : wo // 2 * 2]
-    return numpy.reshape(z, (o * n, ho // 2, 2, wo // 2, 2))
+    z = numpy.reshape(z, (o * n, ho, wo))
+    return [z[:, di: ho // 2 * 2: 2, dj: wo // 2 * 2: 2] for di, dj in _CORNERS]
 
 
 @primitive
@@ -175,11 +178,11 @@ def unpool(g, route, z_shape):
         return _launch("unpool", g, route, z_shape)
     hit, scale = route
     o, n, ho, wo = z_shape
-    g = numpy.reshape(numpy.reshape(g, scale.shape) * scale, (o * n, ho // 2, 1, wo // 2, 1)) * hit
-    g = numpy.reshape(g, (o, n, ho // 2 * 2, wo // 2 * 2))
-    if ho % 2 or wo % 2:
-        g = numpy.pad(g, ((0, 0), (0, 0), (0, ho % 2), (0, wo % 2)))
-    return numpy.reshape(g, (o, n * ho * wo))
+    share = numpy.reshape(g, scale.shape) * scale                      # each window's gradient
+    out = (numpy.zeros if ho % 2 or wo % 2 else numpy.empty)((o, n * ho * wo), dtype=share.dtype)
+    for k, corner in enumerate(_window_corners(out, z_shape)):
+        numpy.multiply(share, hit[k], out=corner)
+    return out
 
 
 @primitive
@@ -190,8 +193,9 @@ def pool_tangent(z_dot, route, z_shape):
         return _launch("pool_tangent", z_dot, route, z_shape)
     hit, scale = route
     o, n, ho, wo = z_shape
-    return numpy.reshape(numpy.sum(_windows(z_dot, z_shape) * hit, axis=(2, 4)) * scale,
-                         (o, n, ho // 2, wo // 2))
+    c = _window_corners(z_dot, z_shape)
+    total = c[0] * hit[0] + c[1] * hit[1] + c[2] * hit[2] + c[3] * hit[3]
+    return numpy.reshape(total * scale, (o, n, ho // 2, wo // 2))
 
 
 defvjp(_pooled, lambda ans, z, value, route, z_shape: lambda g: unpool(g, route, z_shape))
@@ -199,23 +203,16 @@ defvjp(unpool, lambda ans, g, route, z_shape: lambda v: pool_tangent(v, route, z
 defvjp(pool_tangent, lambda ans, z_dot, route, z_shape: lambda v: unpool(v, route, z_shape))
 
 
-def _corners(a, z_shape):
-    """The four (O·N, Ho/2, Wo/2) corner views of a (O, N·Ho·Wo) array: (0,0), (0,1), (1,0), (1,1)."""
-    o, n, ho, wo = z_shape
-    a = numpy.reshape(a, (o * n, ho, wo))
-    return [a[:, di: ho // 2 * 2: 2, dj: wo // 2 * 2: 2] for di in (0, 1) for dj in (0, 1)]
-
-
 def _emulate_pool(z, bias, z_shape):
     """One thread per window: its maximum, which corners reach it, and [max > 0] / their count.
     ``hit`` is laid out like z (1 at a window's maxima, 0 elsewhere and in cropped rows)."""
     o, n, ho, wo = z_shape
     z = z + bias[:, None]
-    a, b, c, d = _corners(z, z_shape)
+    a, b, c, d = _window_corners(z, z_shape)
     top = numpy.maximum(numpy.maximum(a, b), numpy.maximum(c, d))
     hits = [(corner == top).astype(z.dtype) for corner in (a, b, c, d)]
     hit = numpy.zeros((o * n, ho, wo), dtype=z.dtype)
-    for corner, h in zip(_corners(hit, z_shape), hits):
+    for corner, h in zip(_window_corners(hit, z_shape), hits):
         corner[...] = h
     relu = (top > 0).astype(z.dtype)
     scale = relu / (hits[0] + hits[1] + hits[2] + hits[3])
@@ -252,7 +249,7 @@ def _emulate_pool_tangent(z_dot, route, z_shape):
     """One thread per window: (ż₀₀ h₀₀ + ż₀₁ h₀₁ + ż₁₀ h₁₀ + ż₁₁ h₁₁) · scale."""
     hit, scale = route
     o, n, ho, wo = z_shape
-    zs, hs = _corners(z_dot, z_shape), _corners(hit, z_shape)
+    zs, hs = _window_corners(z_dot, z_shape), _window_corners(hit, z_shape)
     total = zs[0] * hs[0] + zs[1] * hs[1] + zs[2] * hs[2] + zs[3] * hs[3]
     return total.reshape(o, n, ho // 2, wo // 2) * scale
 

@@ -221,20 +221,35 @@ def _fake():
     return fake_device
 
 
-def _on_fake(function, *args):
-    """function(*args) with the fake device selected: numpy arrays in, numpy arrays out."""
+@pytest.fixture(params=["fake", pytest.param("cupy", marks=pytest.mark.gpu)])
+def on_device(request):
+    """run(function, *args): function(*args) on the fake device (emulated kernels) or, marked
+    gpu, on real CuPy (compiled kernels) — numpy arrays in, numpy arrays out."""
     from ddref import backend
 
-    fake = _fake()
-    with backend._using_namespace("fake", fake.fake_xp):
-        moved = [fake.fake_xp.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
-        return _to_host(function(*moved))
+    if request.param == "fake":
+        fake = _fake()
+        selected = lambda: backend._using_namespace("fake", fake.fake_xp)
+    else:
+        try:
+            with backend.using("cupy"):
+                pass
+        except backend.BackendUnavailable as err:
+            pytest.skip(f"no CuPy GPU backend here: {err}")
+        selected = lambda: backend.using("cupy")
+
+    def run(function, *args):
+        with selected() as xp:
+            moved = [xp.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+            return _to_host(function(*moved))
+
+    return run
 
 
 def _to_host(x):
     if isinstance(x, (tuple, list)):
         return type(x)(_to_host(i) for i in x)
-    return x.get() if hasattr(x, "get") else x
+    return x.get() if hasattr(x, "get") else x    # FakeArray.get / cupy.ndarray.get
 
 
 def _ties(rng, shape):
@@ -243,19 +258,19 @@ def _ties(rng, shape):
 
 
 @pytest.mark.parametrize("h, w, pad", [(28, 28, 2), (10, 10, 0), (9, 7, 1)])
-def test_emulated_patch_kernels_agree_with_numpy(rng, rel_err, h, w, pad):
+def test_emulated_patch_kernels_agree_with_numpy(on_device, rng, rel_err, h, w, pad):
     from ddref import kernels
 
     x = rng.normal(size=(3, 2, h, w))
     cols = kernels.patches_cnhw(x, 5, 3, pad)
-    assert rel_err(_on_fake(kernels.patches_cnhw, x, 5, 3, pad), cols) < AGREE
+    assert rel_err(on_device(kernels.patches_cnhw, x, 5, 3, pad), cols) < AGREE
     y = rng.normal(size=cols.shape)
     back = kernels.patches_cnhw_adjoint(y, x.shape, 5, 3, pad)
-    assert rel_err(_on_fake(kernels.patches_cnhw_adjoint, y, x.shape, 5, 3, pad), back) < AGREE
+    assert rel_err(on_device(kernels.patches_cnhw_adjoint, y, x.shape, 5, 3, pad), back) < AGREE
 
 
 @pytest.mark.parametrize("ho, wo", [(10, 10), (9, 7)])
-def test_emulated_pool_kernels_agree_with_numpy(rng, rel_err, ho, wo):
+def test_emulated_pool_kernels_agree_with_numpy(on_device, rng, rel_err, ho, wo):
     """relu(max-pool), its derivative (unpool, ties split evenly) and its tangent, with the
     conv bias inside the kernel and the paired / summed forms, against the numpy path."""
     from ddref import kernels
@@ -280,11 +295,11 @@ def test_emulated_pool_kernels_agree_with_numpy(rng, rel_err, ho, wo):
                 kernels.pool_tangent(a + b[:, None] + c, route, z_shape),
                 kernels.pool_tangent(a + b[:, None], route, z_shape))
     assert np.any(route[1] == 0.5) or np.any(route[1] == 1 / 3), "the data should hold tied maxima"
-    for got, want in zip(_on_fake(everything, z, b, g, g2, a, c), expected):
+    for got, want in zip(on_device(everything, z, b, g, g2, a, c), expected):
         assert got.shape == want.shape and rel_err(got, want) < AGREE
 
 
-def test_emulated_element_wise_kernels_agree_with_numpy(rng, rel_err):
+def test_emulated_element_wise_kernels_agree_with_numpy(on_device, rng, rel_err):
     from ddref import kernels
 
     mm, b, c, lr = rng.normal(size=(6, 5)), rng.normal(size=(5,)), rng.normal(size=(6, 5)), np.asarray(0.3)
@@ -303,7 +318,7 @@ def test_emulated_element_wise_kernels_agree_with_numpy(rng, rel_err):
          fused.CrossEntropy.tangent(cache, t, z_dot)),
     ]
     for kernel, args, want in checks:
-        got = _on_fake(kernel, *args)
+        got = on_device(kernel, *args)
         got = got if isinstance(got, tuple) else (got,)
         got = (got[0], got[1], *got[2]) if kernel is kernels.softmax_cross_entropy else got
         assert len(got) == len(want)
