@@ -277,8 +277,7 @@ _host_dot = anp.dot
 
 
 def _dot(a, b):
-    """anp.dot, with a scalar (Python number or 0-d) operand of a device array taken as the
-    product a · b (CuPy's dot refuses scalars; numpy's dot of a scalar is that product)."""
+    """anp.dot; on the device a scalar operand makes it the product a · b (CuPy's dot refuses it)."""
     if _namespace(a, b) is not None and (anp.ndim(a) == 0 or anp.ndim(b) == 0):
         return anp.multiply(a, b)
     return _host_dot(a, b)
