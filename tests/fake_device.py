@@ -223,10 +223,6 @@ class FakeArray:
         _sync()
         return bool(self._a)
 
-    def __index__(self):
-        raise TypeError("a device array cannot be used as a Python index (CuPy refuses); "
-                        "read it with int(...) explicitly")
-
     def __repr__(self):
         return f"FakeArray({self._a!r})"
 
