@@ -164,5 +164,22 @@ if [[ $NETS_ROW == 1 ]]; then
     done
 fi
 echo
+echo "Spread: each round's ddref backgrad ÷ torch autograd (adjacent runs, so a change of load hits both),"
+echo "and the min–max of each implementation's per-run medians over the rounds:"
+echo
+echo "| model / data | threads | paired ratios by round | median paired ratio | torch autograd min–max | ddref backgrad min–max |"
+echo "|---|---|---|---|---|---|"
+paired() {  # paired "a1 a2 …" "b1 b2 …": the ratios a_r / b_r, round by round
+    awk -v a="$1" -v b="$2" 'BEGIN {n = split(a, x, " "); split(b, y, " "); for (i = 1; i <= n; i++) if (y[i] > 0) printf "%.2f ", x[i] / y[i]}'
+}
+span() { tr ' ' '\n' <<<"$1" | awk 'NF' | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {if (NR) printf "%s–%s", lo, hi}'; }
+for model in $MODELS; do
+    for threads in $THREAD_LIST; do
+        k=$model.$threads
+        pr=$(paired "${times[$k.ddref-backgrad]:-}" "${times[$k.torch-autograd]:-}")
+        echo "| $model / $(ddref_data_of "$model") | $threads | ${pr:-–} | $(median "$pr") | $(span "${times[$k.torch-autograd]:-}") | $(span "${times[$k.ddref-backgrad]:-}") |"
+    done
+done
+echo
 echo "# s / outer iteration: meta-gradient + Adam step (+ real-batch sampling), first 2 iterations of each run"
 echo "# dropped.  Timings on a shared machine are noisy: compare ratios from one run."

@@ -18,6 +18,13 @@ path (autograd on ``model.apply``), interleaved so that machine load hits both a
 
     python benchmarks/profile.py --model mlp --threads 1
     python benchmarks/profile.py --model lenet --threads 1 --repeats 3
+    python benchmarks/profile.py --roofline --threads 1     # LeNet's outer loss against the machine
+
+``--roofline``: the convolution phases of LeNet's outer loss on the real batch (1,024 images,
+float32) — patch matrices, the GEMMs, pooling, their derivatives — each with its FLOPs and the
+bytes it must move at least (every operand read once, every result written once), against
+this machine's measured memory bandwidth (a large copy) and GEMM rate (a 1,024³ SGEMM): the
+floor of each phase is max(FLOPs / rate, bytes / bandwidth).
 """
 
 from __future__ import annotations
@@ -129,6 +136,84 @@ def top_functions(fn, n):
     return [line.replace(root + "/", "").replace(site + "/", "") for line in lines[start:] if line.strip()]
 
 
+# ---------------------------------------------------------------------------- roofline
+
+
+def _median_time(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine_rates(repeats, dtype="float32"):
+    """(bytes per second of a 256 MB copy, counting read + write; FLOPs per second of SGEMM)."""
+    a = np.ones(64 * 2**20, dtype=dtype)
+    out = np.empty_like(a)
+    bandwidth = 2 * a.nbytes / _median_time(lambda: np.copyto(out, a), repeats)
+    m = np.random.default_rng(0).normal(size=(1024, 1024)).astype(dtype)
+    rate = 2 * 1024**3 / _median_time(lambda: m @ m, repeats)
+    return bandwidth, rate
+
+
+def roofline_phases(n=1024, dtype="float32", seed=0):
+    """(name, FLOPs, bytes, function) for the convolution phases of LeNet's outer loss."""
+    from ddref import kernels
+
+    rng = np.random.default_rng(seed)
+    f = lambda *shape: rng.normal(size=shape).astype(dtype)
+    size = np.dtype(dtype).itemsize
+    nbytes = lambda *arrays: sum(a.size for a in arrays) * size
+    x1, w1, w2 = f(1, n, 28, 28), f(6, 25), f(16, 150)
+    c1 = kernels.patches_cnhw(x1, 5, 5, 2)                     # (25, n·784)
+    z1 = w1 @ c1
+    s1 = (6, n, 28, 28)
+    p1, route1 = kernels._pool(z1, s1)
+    c2 = kernels.patches_cnhw(p1.reshape(6, n, 14, 14), 5, 5, 0)   # (150, n·100)
+    z2 = w2 @ c2
+    s2 = (16, n, 10, 10)
+    p2, route2 = kernels._pool(z2, s2)
+    g2 = f(*p2.shape)
+    gz2 = kernels.unpool(g2, route2, s2)
+    gc2 = w2.T @ gz2
+    gz1 = kernels.unpool(f(*p1.shape), route1, s1)
+    hit_bytes = lambda z: z.size                              # one byte per entry
+    return [
+        ("conv1 patches (25 × 1·n·28·28)", 0, nbytes(x1, c1), lambda: kernels.patches_cnhw(x1, 5, 5, 2)),
+        ("conv1 GEMM (6×25)·(25×n·784)", 2 * 6 * 25 * c1.shape[1], nbytes(w1, c1, z1), lambda: w1 @ c1),
+        ("pool1 (max, routing)", 3 * z1.size, nbytes(z1, p1, p1) + hit_bytes(z1), lambda: kernels._pool(z1, s1)),
+        ("conv2 patches (150 × n·100)", 0, nbytes(p1, c2), lambda: kernels.patches_cnhw(p1.reshape(6, n, 14, 14), 5, 5, 0)),
+        ("conv2 GEMM (16×150)·(150×n·100)", 2 * 16 * 150 * c2.shape[1], nbytes(w2, c2, z2), lambda: w2 @ c2),
+        ("pool2", 3 * z2.size, nbytes(z2, p2, p2) + hit_bytes(z2), lambda: kernels._pool(z2, s2)),
+        ("unpool2", 2 * z2.size, nbytes(g2, p2, gz2) + hit_bytes(z2), lambda: kernels.unpool(g2, route2, s2)),
+        ("conv2 weight grad gz·Pᵀ", 2 * 16 * 150 * c2.shape[1], nbytes(gz2, c2, w2), lambda: gz2 @ c2.T),
+        ("conv2 input grad Wᵀ·gz", 2 * 16 * 150 * c2.shape[1], nbytes(w2, gz2, gc2), lambda: w2.T @ gz2),
+        ("conv2 col2im (gather 25 offsets)", 25 * p1.size, nbytes(gc2, p1),
+         lambda: kernels.patches_cnhw_adjoint(gc2, (6, n, 14, 14), 5, 5, 0)),
+        ("unpool1", 2 * z1.size, nbytes(p1, p1, z1) + hit_bytes(z1), lambda: kernels.unpool(p1, route1, s1)),
+        ("conv1 weight grad gz·Pᵀ", 2 * 6 * 25 * c1.shape[1], nbytes(gz1, c1, w1), lambda: gz1 @ c1.T),
+    ]
+
+
+def print_roofline(repeats):
+    bandwidth, rate = machine_rates(repeats)
+    print(f"\n## roofline: LeNet's outer loss, real batch 1,024, float32 — measured copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s (read + write), SGEMM {rate / 1e9:.1f} GFLOP/s\n")
+    print("| phase | MFLOP | MB moved (at least) | floor ms | measured ms | measured ÷ floor |")
+    print("|---|---|---|---|---|---|")
+    total_floor = total = 0.0
+    for name, flops, nbytes, fn in roofline_phases():
+        floor = max(flops / rate, nbytes / bandwidth)
+        measured = _median_time(fn, repeats)
+        total_floor, total = total_floor + floor, total + measured
+        print(f"| {name} | {flops / 1e6:.0f} | {nbytes / 1e6:.1f} | {1e3 * floor:.2f} | {1e3 * measured:.2f} "
+              f"| {measured / floor:.1f} |")
+    print(f"| **all** | | | {1e3 * total_floor:.1f} | {1e3 * total:.1f} | {total / total_floor:.1f} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=list(SETUPS), default="mlp")
@@ -139,7 +224,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--top", type=int, default=15, help="functions listed by own time")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--roofline", action="store_true", help="only the roofline of LeNet's outer loss (see above)")
     args = ap.parse_args(argv)
+    if args.roofline:
+        with limit_threads(args.threads):
+            print_environment(args)
+            print_roofline(args.repeats)
+        return
 
     from ddref import fused
 

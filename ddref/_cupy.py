@@ -16,7 +16,10 @@ What :func:`install` does, for one device array type and its namespace ``xp``:
 
    * ``repeat_to_match_shape`` — the helper behind the gradients of sum, mean, max, min,
      prod, var, std — adds ``numpy.zeros(shape)``;
-   * the ``dot`` adjoints end with ``numpy.asarray(out, dtype)``;
+   * the ``dot`` adjoints end with ``numpy.asarray(out, dtype)``, and ``dot`` itself with a
+     scalar operand (``anp.dot(x, 3.0)``, also inside its own second-order rules) is a
+     TypeError on CuPy, whose ``dot`` takes arrays only: on the device a scalar factor is a
+     product ``x * 3.0``;
    * ``where`` builds ``anp.zeros(g.shape)`` on the host;
    * ``concatenate`` views its result as ``numpy.ndarray`` and ``stack`` converts its
      inputs with ``numpy.array``;
@@ -53,7 +56,7 @@ from autograd.numpy.numpy_vspaces import ArrayVSpace, ComplexArrayVSpace
 from autograd.tracer import getval
 from autograd.util import func
 
-from ddref.backend import BackendUnavailable, CupyNotInstalled
+from ddref.errors import BackendUnavailable, CupyNotInstalled
 
 AUTOGRAD_VERSION = "1.9.1"
 
@@ -270,6 +273,16 @@ def _dot_adjoint_1(A, G, A_meta, B_meta):
     return xp.asarray(out, dtype=B_dtype)
 
 
+_host_dot = anp.dot
+
+
+def _dot(a, b):
+    """anp.dot; on the device a scalar operand makes it the product a · b (CuPy's dot refuses it)."""
+    if _namespace(a, b) is not None and (anp.ndim(a) == 0 or anp.ndim(b) == 0):
+        return anp.multiply(a, b)
+    return _host_dot(a, b)
+
+
 def _dot_vjp_0(ans, A, B):
     A_meta, B_meta = anp.metadata(A), anp.metadata(B)
     return lambda g: numpy_vjps.match_complex(A, _dot_adjoint_0(B, g, A_meta, B_meta))
@@ -366,6 +379,8 @@ def _patch_autograd():
     def_linear(_dot_adjoint_0)
     def_linear(_dot_adjoint_1)
     _on_device(anp.dot, _dot_vjp_0, _dot_vjp_1)
+    for module in (anp, autograd_numpy):
+        module.dot = _dot
 
     # the where primitive (autograd.numpy wraps it in custom_where after registering its VJP)
     _on_device(autograd_numpy._original_where, None,

@@ -24,17 +24,11 @@ import os
 
 import numpy
 
+from ddref.errors import BackendUnavailable, CupyNotInstalled  # re-exported: backend.BackendUnavailable
+
 _STATE = {"name": "numpy", "xp": numpy}
 
 BACKENDS = ("numpy", "cupy")
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested array backend cannot run here; the message names the fix."""
-
-
-class CupyNotInstalled(BackendUnavailable, ImportError):
-    """CuPy is not installed (``pip install "ddref[gpu]"``)."""
 
 
 def name() -> str:

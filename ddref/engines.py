@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import autograd.numpy as anp
+
 from ddref import hypergrad, reversible
 from ddref.hypergrad import MetaGradient
 from ddref.losses import cross_entropy
@@ -121,8 +123,9 @@ def mean_of(meta) -> MetaGradient:
 
 def _check_arrays(x_distilled, raw_lrs):
     epochs, steps = check_schedule(x_distilled, raw_lrs)
-    check_finite("the distilled images", x_distilled)
-    check_finite("the raw learning rates", raw_lrs)
+    if not bool(anp.isfinite(x_distilled).all() & anp.isfinite(raw_lrs).all()):   # one host read
+        check_finite("the distilled images", x_distilled)
+        check_finite("the raw learning rates", raw_lrs)
     return epochs * steps
 
 

@@ -17,37 +17,34 @@ Here the same numbers come from three hand-written passes over a model described
 * ``_grads`` — g as *one* autograd primitive whose VJP is the previous pass, so the naive
   engine traces one node per inner step instead of a whole backward pass.
 
-Every pass is built from differentiable primitives (``nn.matmul``, the patch matrices
-below and their adjoints, constant relu masks and max-pool routings), so tracing through
+Every pass is built from differentiable primitives (``matmul``, the patch matrices
+and their adjoints, constant relu masks and max-pool routings), so tracing through
 them again — a third derivative — is still exact.  :func:`gradient_for` returns the fast
 gradient of a model and loss (cross-entropy, squared error) or ``None``, and
 :mod:`ddref.unroll` / :mod:`ddref.hypergrad` then use the plain path; ``with fused.plain():``
 switches the fast path off.  tests/test_fused.py checks that both paths agree in value,
 first and second derivatives to 1e-10 in float64.
 
-Layers: ``forward`` / ``backward`` (backpropagation) and ``tangent`` / ``backward_tangent``
-(the same two passes differentiated along θ̇).
-
-=================  ===========================================================
-``Flatten``        (N, …) → (N, features)
-``Dense``          h w + b, optionally followed by relu
-``ToCNHW``         images to channel-major (C, N, H, W), the layout the convolutions use
-``ConvReluPool``   conv (patch matrix + one matrix product) → relu → 2×2 max-pool
-``FlattenCNHW``    channel-major activations → (N, features) in ``nn.flatten``'s NHWC order
-=================  ===========================================================
+The layers (``Flatten``, ``Dense``, ``ToCNHW``, ``ConvReluPool``, ``FlattenCNHW``, with
+``forward`` / ``backward`` and ``tangent`` / ``backward_tangent``) live in
+:mod:`ddref.fused_layers`, the device kernels of the convolution and pooling in
+:mod:`ddref.kernels`; both are re-exported here.  The import order is
+backend → kernels → fused_layers → nn and fused (neither of which imports the other).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import autograd.numpy as anp
 from autograd.builtins import dict as traced_dict
-from autograd.extend import defvjp, defvjp_argnums, primitive
+from autograd.extend import defvjp_argnums, primitive
 from autograd.tracer import getval
 
-from ddref import backend, losses, nn
+from ddref import backend, kernels, losses
+from ddref.fused_layers import (ConvReluPool, Dense, Flatten, FlattenCNHW, ToCNHW,  # noqa: F401
+                                _conv_matrix, _relu_mask, matmul)
+from ddref.kernels import patches_cnhw, patches_cnhw_adjoint  # noqa: F401  (re-exported)
 
 _STATE = {"enabled": True}
 
@@ -79,6 +76,8 @@ class CrossEntropy:
 
     @staticmethod
     def forward(logits, targets):
+        if kernels.fusable(logits, targets):                      # one kernel on a device
+            return kernels.softmax_cross_entropy(logits, targets)
         n = logits.shape[-2]
         log_p = _log_softmax(logits)
         p = anp.exp(log_p)
@@ -92,6 +91,8 @@ class CrossEntropy:
     @staticmethod
     def tangent(cache, targets, z_dot):
         p, row_mass, _ = cache
+        if kernels.fusable(z_dot, p):
+            return kernels.softmax_cross_entropy_tangent(p, row_mass, z_dot)
         n = z_dot.shape[-2]
         log_p_dot = z_dot - anp.sum(p * z_dot, axis=-1, keepdims=True)   # d log softmax
         return p * log_p_dot * row_mass / n, -log_p_dot / n
@@ -125,323 +126,24 @@ def _log_softmax(logits):
     return shifted - anp.log(anp.sum(anp.exp(shifted), axis=-1, keepdims=True))
 
 
-# ---------------------------------------------------------------------------- layers
-# Each layer, for parameters θ and a direction θ̇ in parameter space (Pearlmutter's R-operator):
-#   forward(θ, h)                      -> (out, cache)
-#   tangent(θ, θ̇, cache, ḣ)            -> (ouṫ, tcache)          ḣ None: the input does not move
-#   backward(θ, cache, g, need)        -> (g_h, {name: ∂ℓ/∂param})
-#   backward_tangent(θ, θ̇, cache, tcache, g, ġ, need) -> (g_h, ġ_h, grads, ġrads)
-
-
-class Flatten:
-    params = ()
-
-    # images (…, C, H, W) → (…, C·H·W): a leading axis of stacked networks stays
-
-    def forward(self, params, h):
-        return anp.reshape(h, (*h.shape[:-3], -1)), h.shape
-
-    def tangent(self, params, dparams, shape, h_dot):
-        return (None if h_dot is None else anp.reshape(h_dot, (*h_dot.shape[:-3], -1))), None
-
-    def backward(self, params, shape, g, need_input_grad):
-        return (_unflatten(g, shape) if need_input_grad else None), {}
-
-    def backward_tangent(self, params, dparams, shape, tcache, g, g_dot, need_input_grad):
-        return _unflatten(g, shape), _unflatten(g_dot, shape), {}, {}
-
-    def __repr__(self):
-        return "Flatten()"
-
-
-def _unflatten(g, shape):
-    return anp.reshape(g, (*g.shape[:-1], *shape[-3:]))
-
-
-def _relu_mask(z):
-    """[z > 0] as a constant of z's dtype (the derivative of relu; piecewise constant)."""
-    z = getval(z)
-    return (z > 0).astype(z.dtype)
-
-
-def _t(a):
-    """The matrix transpose (of the last two axes; a view)."""
-    return anp.swapaxes(a, -1, -2)
-
-
-def _row(b):
-    """A bias (out,) — or (K, out) for K stacked networks — broadcast over the rows of z."""
-    return b if len(b.shape) == 1 else anp.expand_dims(b, -2)
-
-
-@dataclass(frozen=True)
-class Dense:
-    """z = h w + b, then relu when ``relu``; w (in, out), b (out,)."""
-
-    w: str
-    b: str
-    relu: bool = False
-
-    @property
-    def params(self):
-        return (self.w, self.b)
-
-    def forward(self, params, h):
-        z = nn.matmul(h, params[self.w]) + _row(params[self.b])
-        if not self.relu:
-            return z, (h, None)
-        mask = _relu_mask(z)
-        return z * mask, (h, mask)
-
-    def tangent(self, params, dparams, cache, h_dot):
-        h, mask = cache
-        z_dot = nn.matmul(h, dparams[self.w]) + _row(dparams[self.b])
-        if h_dot is not None:
-            z_dot = z_dot + nn.matmul(h_dot, params[self.w])
-        return (z_dot if mask is None else z_dot * mask), h_dot
-
-    def backward(self, params, cache, g, need_input_grad):
-        h, mask = cache
-        if mask is not None:
-            g = g * mask
-        grads = {self.w: nn.matmul(_t(h), g), self.b: anp.sum(g, axis=-2)}
-        g_h = nn.matmul(g, _t(params[self.w])) if need_input_grad else None
-        return g_h, grads
-
-    def backward_tangent(self, params, dparams, cache, h_dot, g, g_dot, need_input_grad):
-        h, mask = cache
-        if mask is not None:
-            g, g_dot = g * mask, g_dot * mask
-        g_h, grads = self.backward(params, (h, None), g, need_input_grad)
-        dw = nn.matmul(_t(h), g_dot)
-        if h_dot is not None:
-            dw = dw + nn.matmul(_t(h_dot), g)
-        dgrads = {self.w: dw, self.b: anp.sum(g_dot, axis=-2)}
-        g_h_dot = None
-        if need_input_grad:
-            g_h_dot = nn.matmul(g_dot, _t(params[self.w])) + nn.matmul(g, _t(dparams[self.w]))
-        return g_h, g_h_dot, grads, dgrads
-
-
-# Convolutions run channel-major: activations (C, N, H, W) and a patch matrix (kh·kw·C, N·Ho·Wo)
-# whose rows are contiguous shifted copies of the input.  Building it is kh·kw block copies,
-# its adjoint kh·kw block additions, and the convolution one wide matrix product
-# (O, kh·kw·C) @ (kh·kw·C, N·Ho·Wo) whose result is again channel-major.  (The plain
-# ``nn.conv2d_nhwc`` builds (N·Ho·Wo, C·kh·kw) patches, whose copy and adjoint are strided.)
-
-
-@primitive
-def patches_cnhw(x, kh, kw, pad=0):
-    """The stride-1 patch matrix of x (C, N, H, W): row (i, j, c), column (n, y, x) holds
-    x_padded[c, n, y + i, x + j].  Linear in x; its adjoint is :func:`patches_cnhw_adjoint`."""
-    xp = backend.xp()
-    c, n, h, w = x.shape
-    ho, wo = h + 2 * pad - kh + 1, w + 2 * pad - kw + 1
-    if pad:
-        x = xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    out = xp.empty((kh, kw, c, n, ho, wo), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            out[i, j] = x[:, :, i: i + ho, j: j + wo]
-    return out.reshape(kh * kw * c, n * ho * wo)
-
-
-@primitive
-def patches_cnhw_adjoint(cols, x_shape, kh, kw, pad=0):
-    """Add the rows of a patch matrix back into an array of shape ``x_shape`` (C, N, H, W)."""
-    xp = backend.xp()
-    c, n, h, w = x_shape
-    ho, wo = h + 2 * pad - kh + 1, w + 2 * pad - kw + 1
-    cols = cols.reshape(kh, kw, c, n, ho, wo)
-    out = xp.zeros((c, n, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            out[:, :, i: i + ho, j: j + wo] += cols[i, j]
-    return out[:, :, pad: pad + h, pad: pad + w] if pad else out
-
-
-defvjp(patches_cnhw, lambda ans, x, kh, kw, pad=0: lambda g: patches_cnhw_adjoint(g, x.shape, kh, kw, pad))
-defvjp(patches_cnhw_adjoint, lambda ans, cols, x_shape, kh, kw, pad=0: lambda g: patches_cnhw(g, kh, kw, pad))
-
-
-class ToCNHW:
-    """(N, C, H, W) images → channel-major (C, N, H, W)."""
-
-    params = ()
-
-    def forward(self, params, h):
-        return anp.transpose(h, (1, 0, 2, 3)), None
-
-    def tangent(self, params, dparams, cache, h_dot):
-        return (None if h_dot is None else anp.transpose(h_dot, (1, 0, 2, 3))), None
-
-    def backward(self, params, cache, g, need_input_grad):
-        return (anp.transpose(g, (1, 0, 2, 3)) if need_input_grad else None), {}
-
-    def backward_tangent(self, params, dparams, cache, tcache, g, g_dot, need_input_grad):
-        return anp.transpose(g, (1, 0, 2, 3)), anp.transpose(g_dot, (1, 0, 2, 3)), {}, {}
-
-    def __repr__(self):
-        return "ToCNHW()"
-
-
-class FlattenCNHW:
-    """(C, N, H, W) → (N, H·W·C): the features in the order ``nn.flatten`` gives NHWC arrays."""
-
-    params = ()
-
-    @staticmethod
-    def _flat(h):
-        return nn.flatten(anp.transpose(h, (1, 2, 3, 0)))
-
-    @staticmethod
-    def _unflat(g, shape):
-        c, n, h, w = shape
-        return anp.transpose(anp.reshape(g, (n, h, w, c)), (3, 0, 1, 2))
-
-    def forward(self, params, h):
-        return self._flat(h), h.shape
-
-    def tangent(self, params, dparams, shape, h_dot):
-        return (None if h_dot is None else self._flat(h_dot)), None
-
-    def backward(self, params, shape, g, need_input_grad):
-        return (self._unflat(g, shape) if need_input_grad else None), {}
-
-    def backward_tangent(self, params, dparams, shape, tcache, g, g_dot, need_input_grad):
-        return self._unflat(g, shape), self._unflat(g_dot, shape), {}, {}
-
-    def __repr__(self):
-        return "FlattenCNHW()"
-
-
-def _conv_matrix(w):
-    """w (O, C, kh, kw) as the (O, kh·kw·C) matrix that multiplies :func:`patches_cnhw`."""
-    return anp.reshape(anp.transpose(w, (0, 2, 3, 1)), (w.shape[0], -1))
-
-
-def _conv_weight(m, shape):
-    """The inverse of :func:`_conv_matrix`: (O, kh·kw·C) → (O, C, kh, kw)."""
-    o, c, kh, kw = shape
-    return anp.transpose(anp.reshape(m, (o, kh, kw, c)), (0, 3, 1, 2))
-
-
-@dataclass(frozen=True)
-class ConvReluPool:
-    """max-pool 2×2 (relu (conv(h, w) + b)) on channel-major h (C, N, H, W), w (O, C, kh, kw),
-    stride 1: the same numbers as ``nn.max_pool2x2_nhwc(relu(nn.conv2d_nhwc(...)))``.
-
-    Computed as relu(max-pool(conv)), which is the same number (relu is monotone) on a
-    quarter of the entries; the derivative routes each window's gradient to its maximum,
-    split evenly between ties, exactly as ``nn.max_pool2x2_nhwc`` does."""
-
-    w: str
-    b: str
-    pad: int = 0
-
-    @property
-    def params(self):
-        return (self.w, self.b)
-
-    def _conv(self, w, b, cols):
-        return nn.matmul(_conv_matrix(w), cols) + anp.reshape(b, (-1, 1))      # (O, N·Ho·Wo)
-
-    def _z_shape(self, h_shape, w_shape):
-        (_, n, h, w), (o, _, kh, kw) = h_shape, w_shape
-        return o, n, h + 2 * self.pad - kh + 1, w + 2 * self.pad - kw + 1
-
-    @staticmethod
-    def _windows(z, z_shape):
-        """(O·N, Ho/2, 2, Wo/2, 2): the 2×2 windows of z (O, N·Ho·Wo)."""
-        o, n, ho, wo = z_shape
-        z = anp.reshape(z, z_shape)
-        if ho % 2 or wo % 2:
-            z = z[:, :, : ho // 2 * 2, : wo // 2 * 2]
-        return anp.reshape(z, (o * n, ho // 2, 2, wo // 2, 2))
-
-    def _unpool(self, g, cache):
-        """∂ℓ/∂z (O, N·Ho·Wo) from ∂ℓ/∂out: through the relu, then to each window's maximum."""
-        _, _, (o, n, ho, wo), hit, scale = cache
-        g = anp.reshape(anp.reshape(g, scale.shape) * scale, (o * n, ho // 2, 1, wo // 2, 1)) * hit
-        g = anp.reshape(g, (o, n, ho // 2 * 2, wo // 2 * 2))
-        if ho % 2 or wo % 2:                                      # cropped rows get no gradient
-            g = _pad_back(g, ho, wo)
-        return anp.reshape(g, (o, n * ho * wo))
-
-    def forward(self, params, h):
-        w = params[self.w]
-        kh, kw = w.shape[2:]
-        cols = patches_cnhw(h, kh, kw, self.pad)
-        z_shape = self._z_shape(h.shape, w.shape)
-        o, n, ho, wo = z_shape
-        windows = self._windows(self._conv(w, params[self.b], cols), z_shape)
-        pooled = nn._max_over_windows(windows)                   # (O·N, Ho/2, Wo/2)
-        hit, scale = _pool_routing(windows, pooled)
-        out = anp.reshape(pooled * _relu_mask(pooled), (o, n, ho // 2, wo // 2))
-        return out, (h.shape, cols, z_shape, hit, scale)
-
-    def tangent(self, params, dparams, cache, h_dot):
-        h_shape, cols, z_shape, hit, scale = cache
-        o, n, ho, wo = z_shape
-        w = params[self.w]
-        z_dot = self._conv(dparams[self.w], dparams[self.b], cols)
-        cols_dot = None
-        if h_dot is not None:
-            cols_dot = patches_cnhw(h_dot, *w.shape[2:], self.pad)
-            z_dot = z_dot + nn.matmul(_conv_matrix(w), cols_dot)
-        pooled_dot = anp.sum(self._windows(z_dot, z_shape) * hit, axis=(2, 4)) * scale
-        return anp.reshape(pooled_dot, (o, n, ho // 2, wo // 2)), cols_dot
-
-    def backward(self, params, cache, g, need_input_grad):
-        return self._backward_z(params, cache, self._unpool(g, cache), need_input_grad)
-
-    def _backward_z(self, params, cache, g_z, need_input_grad):
-        h_shape, cols, _, _, _ = cache
-        w = params[self.w]
-        grads = {self.w: _conv_weight(nn.matmul(g_z, anp.transpose(cols)), w.shape),
-                 self.b: anp.sum(g_z, axis=1)}
-        g_h = None
-        if need_input_grad:
-            g_cols = nn.matmul(anp.transpose(_conv_matrix(w)), g_z)
-            g_h = patches_cnhw_adjoint(g_cols, h_shape, *w.shape[2:], self.pad)
-        return g_h, grads
-
-    def backward_tangent(self, params, dparams, cache, cols_dot, g, g_dot, need_input_grad):
-        h_shape, cols, _, _, _ = cache
-        w, w_dot = params[self.w], dparams[self.w]
-        g_z, g_z_dot = self._unpool(g, cache), self._unpool(g_dot, cache)
-        g_h, grads = self._backward_z(params, cache, g_z, need_input_grad)
-        dw = nn.matmul(g_z_dot, anp.transpose(cols))
-        if cols_dot is not None:
-            dw = dw + nn.matmul(g_z, anp.transpose(cols_dot))
-        dgrads = {self.w: _conv_weight(dw, w.shape), self.b: anp.sum(g_z_dot, axis=1)}
-        g_h_dot = None
-        if need_input_grad:
-            g_cols_dot = (nn.matmul(anp.transpose(_conv_matrix(w)), g_z_dot)
-                          + nn.matmul(anp.transpose(_conv_matrix(w_dot)), g_z))
-            g_h_dot = patches_cnhw_adjoint(g_cols_dot, h_shape, *w.shape[2:], self.pad)
-        return g_h, g_h_dot, grads, dgrads
-
-
-def _pool_routing(windows, pooled):
-    """The derivative of relu(max-pool) as two constants: ``hit`` marks each window's maxima,
-    and ``scale`` = [max > 0] / (number of maxima) splits the gradient evenly between ties —
-    ``nn.window_routing`` times the relu mask, without forming their product."""
-    windows, pooled = getval(windows), getval(pooled)
-    hit = windows == pooled[:, :, None, :, None]
-    count = (hit[:, :, 0, :, 0].astype(pooled.dtype) + hit[:, :, 0, :, 1]
-             + hit[:, :, 1, :, 0] + hit[:, :, 1, :, 1])
-    return hit, _relu_mask(pooled) / count
-
-
-def _pad_back(g, ho, wo):
-    """g (O, N, ho//2·2, wo//2·2) with zero rows / columns appended up to (O, N, ho, wo)."""
-    o, n, h, w = g.shape
-    if h < ho:
-        g = anp.concatenate([g, backend.zeros((o, n, ho - h, w), dtype=g.dtype)], axis=2)
-    if w < wo:
-        g = anp.concatenate([g, backend.zeros((o, n, ho, wo - w), dtype=g.dtype)], axis=3)
-    return g
+# ---------------------------------------------------------------------------- parameter updates
+
+
+def descend(params, grads, lr):
+    """θ − η g, parameter by parameter (``unroll.descend``); on a device, one kernel each."""
+    if kernels.fusable(lr, *params.values(), *grads.values()):
+        return {k: kernels.step(params[k], grads[k], lr) for k in params}
+    return {k: params[k] - lr * grads[k] for k in params}
+
+
+def neg_inner(g, v):
+    """−Σ_k ⟨g_k, v_k⟩ over the parameters; on a device as one product of the concatenated
+    parameters (4 operations instead of 2 per parameter)."""
+    if kernels.fusable(*g.values(), *v.values()):
+        xp = backend.xp()
+        flat_g = xp.concatenate([anp.ravel(g[k]) for k in v])
+        return -xp.dot(flat_g, xp.concatenate([anp.ravel(v[k]) for k in v]))
+    return -sum(anp.vdot(g[k], v[k]) for k in v)
 
 
 # ---------------------------------------------------------------------------- the network
@@ -635,3 +337,4 @@ def gradient_for(apply, loss):
     if layers is None or loss_rule is None:
         return None
     return FastGradient(layers, loss_rule)
+

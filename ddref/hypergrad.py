@@ -39,7 +39,7 @@ from autograd import make_vjp, value_and_grad
 
 from ddref import fused
 from ddref.losses import cross_entropy
-from ddref.unroll import (check_schedule, descend, inner_grad, loss_and_grad, softplus,
+from ddref.unroll import (check_schedule, inner_grad, loss_and_grad, softplus,
                           step_schedule, step_targets, unroll)
 
 
@@ -117,7 +117,7 @@ def train_keeping_weights(apply, theta0, x_distilled, targets, lrs, schedule, lo
     thetas = [theta0]
     for e, s in schedule:
         grads = inner_grad(apply, thetas[-1], x_distilled[s], step_targets(targets, s), loss)
-        thetas.append(descend(thetas[-1], grads, lrs[e, s]))
+        thetas.append(fused.descend(thetas[-1], grads, lrs[e, s]))
     return thetas
 
 
@@ -143,8 +143,7 @@ def reverse_step(apply, theta, images, targets, lr, v, loss=cross_entropy):
     else:
         pull_back, g = make_vjp(_grad_wrt_params_and_images, 0)((theta, images), apply, targets, loss)
         h_params, h_images = pull_back(v)
-    grad_lr = -sum(anp.vdot(g[k], v[k]) for k in v)
-    return {k: v[k] - lr * h_params[k] for k in v}, -lr * h_images, grad_lr
+    return fused.descend(v, h_params, lr), -lr * h_images, fused.neg_inner(g, v)
 
 
 def reverse_pass_with_targets(apply, thetas, x_distilled, targets, lrs, schedule, v,

@@ -19,7 +19,7 @@ import autograd.numpy as anp
 from autograd.extend import defvjp, primitive
 from autograd.tracer import getval
 
-from ddref import backend, fused  # fused builds on the primitives below, at call time
+from ddref import backend, fused_layers as fused  # the layer descriptions of ddref.fused's fast path
 
 # ---------------------------------------------------------------------------- initialisation
 

@@ -13,7 +13,17 @@ matters for ddref:
 * like CuPy's ``__array_ufunc__`` it declines (NotImplemented) operands it does not know,
   e.g. ``numpy.add.at(a, (slice, slice), b)`` with a tuple index;
 * like CuPy's ``reshape``/``ravel`` it refuses ``order=None``;
+* like CuPy's ``dot``/``matmul``/``tensordot``/``vdot``/``inner``/``outer`` it refuses Python
+  scalars and 0-d host values as operands (``cupy.dot(a, 3.0)`` raises TypeError);
 * ``.get()`` copies back to a host numpy array.
+
+It also counts, in :data:`COUNTS`, what a GPU would be asked to do: ``ops`` (every
+kernel-like call — a ufunc, a numpy function, a method that computes, a copy, an assignment,
+an emulated custom kernel; views such as reshape, transpose and basic slicing are free),
+``syncs`` (every device→host read: ``float()``, ``int()``, ``bool()``, ``.item()``,
+``.tolist()``, ``.get()``, ``asnumpy``) and ``uploads`` (host→device ``asarray``).  Custom
+kernels (``ddref.kernels``) run here through :meth:`FakeNamespace.emulate_kernel`: their
+numpy emulation, counted as one op.
 
 ``fake_xp`` is the matching namespace (the ``cupy`` module's role): creation functions make
 FakeArrays, every other function refuses host arrays and returns FakeArrays.
@@ -33,6 +43,62 @@ HOST_MIXED = ("Unsupported type <class 'numpy.ndarray'>: a host numpy array was 
               "operation on device arrays (create arrays with ddref.backend or *_like instead)")
 IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. "
             "Please use `.get()` to construct a NumPy array explicitly.")
+
+
+class Counts:
+    """Device operations, host synchronisations and uploads since the last :meth:`reset`."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.ops = self.syncs = self.uploads = 0
+
+    def snapshot(self):
+        return {"ops": self.ops, "syncs": self.syncs, "uploads": self.uploads}
+
+
+COUNTS = Counts()
+
+
+def _count_op(result, *inputs):
+    """One op, unless ``result`` is a view of one of ``inputs`` (no kernel on a GPU)."""
+    raw = result._a if isinstance(result, FakeArray) else result
+    if isinstance(raw, numpy.ndarray):
+        for x in _flat_arrays(inputs):
+            if numpy.may_share_memory(raw, x):
+                return
+    COUNTS.ops += 1
+
+
+def _flat_arrays(x):
+    if isinstance(x, FakeArray):
+        yield x._a
+    elif isinstance(x, numpy.ndarray):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for item in x:
+            yield from _flat_arrays(item)
+    elif isinstance(x, dict):
+        for item in x.values():
+            yield from _flat_arrays(item)
+
+
+def _sync():
+    COUNTS.syncs += 1
+
+
+# CuPy's linear-algebra products take arrays only: cupy.dot(a, 3.0) raises TypeError.
+_ARRAYS_ONLY = {numpy.dot, numpy.matmul, numpy.tensordot, numpy.vdot, numpy.inner, numpy.outer}
+ARRAYS_ONLY = ("Argument 'b' has incorrect type (expected cupy._core.core._ndarray_base, got {}): "
+               "CuPy's dot/matmul/tensordot take device arrays only (multiply by a scalar instead)")
+
+
+def _refuse_scalars(function, args):
+    if function in _ARRAYS_ONLY or getattr(function, "__wrapped__", None) in _ARRAYS_ONLY:
+        for x in args[:2]:
+            if not isinstance(x, FakeArray):
+                raise TypeError(ARRAYS_ONLY.format(type(x).__name__))
 
 
 def _is_scalar(x):
@@ -107,8 +173,11 @@ class FakeArray:
                 raise TypeError(HOST_MIXED)
             if not (isinstance(x, FakeArray) or _is_scalar(x)):
                 return NotImplemented        # e.g. an autograd ArrayBox, or add.at's tuple index
+        if ufunc is numpy.matmul:
+            _refuse_scalars(numpy.matmul, inputs)
         if out:
             kwargs["out"] = tuple(_raw(o) for o in out)
+        COUNTS.ops += 1
         result = getattr(ufunc, method)(*_raw(inputs), **kwargs)
         if out:
             return out[0] if len(out) == 1 else tuple(out)
@@ -121,27 +190,37 @@ class FakeArray:
             return NotImplemented
         if func in (numpy.reshape, numpy.ravel):
             _check_order(kwargs)
-        return _wrap(func(*_raw(args), **_raw(kwargs)))
+        _refuse_scalars(func, args)
+        result = _wrap(func(*_raw(args), **_raw(kwargs)))
+        _count_op(result, args, kwargs)
+        return result
 
     # ------------------------------------------------------------------ to and from the host
 
     def get(self):
-        """A host numpy copy (what ``cupy.ndarray.get()`` does)."""
+        """A host numpy copy (what ``cupy.ndarray.get()`` does): one host synchronisation."""
+        _sync()
         return self._a.copy()
 
     def item(self):
+        _sync()
         return self._a.item()
 
     def tolist(self):
+        _sync()
         return self._a.tolist()
 
+    # CuPy allows float(), int() and bool() of a one-element array: each waits for the device.
     def __float__(self):
+        _sync()
         return float(self._a)
 
     def __int__(self):
+        _sync()
         return int(self._a)
 
     def __bool__(self):
+        _sync()
         return bool(self._a)
 
     def __repr__(self):
@@ -164,27 +243,37 @@ class FakeArray:
         return len(self._a)
 
     def __iter__(self):
-        return (_wrap(row) for row in self._a)
+        return (self[i] for i in range(len(self._a)))
 
     # ------------------------------------------------------------------ indexing
 
     def __getitem__(self, index):
         # host integer index arrays are accepted, as CuPy accepts them
-        return _wrap(self._a[_raw(index)])
+        index = _raw(index)
+        raw = self._a[index]
+        if isinstance(raw, numpy.generic):      # a[i, j]: CuPy gives a 0-d view, not a copy
+            raw = self._a[(*index, Ellipsis) if isinstance(index, tuple) else (index, Ellipsis)]
+        result = _wrap(raw)
+        _count_op(result, self)
+        return result
 
     def __setitem__(self, index, value):
         if isinstance(value, numpy.ndarray):
             raise TypeError(HOST_MIXED)
         if not (isinstance(value, FakeArray) or _is_scalar(value)):
             raise TypeError(f"Unsupported type {type(value)}")
+        COUNTS.ops += 1
         self._a[_raw(index)] = _raw(value)
 
     # ------------------------------------------------------------------ methods
 
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
-        return FakeArray(self._a.astype(dtype, order=order, copy=copy))
+        result = FakeArray(self._a.astype(dtype, order=order, copy=copy))
+        _count_op(result, self)
+        return result
 
     def copy(self, order="C"):
+        COUNTS.ops += 1
         return FakeArray(self._a.copy(order=order))
 
     def view(self, dtype=None):
@@ -194,13 +283,18 @@ class FakeArray:
 
     def reshape(self, *shape, order="C"):
         _check_order({"order": order})
-        return FakeArray(self._a.reshape(*shape, order=order))
+        result = FakeArray(self._a.reshape(*shape, order=order))
+        _count_op(result, self)
+        return result
 
     def ravel(self, order="C"):
         _check_order({"order": order})
-        return FakeArray(self._a.ravel(order=order))
+        result = FakeArray(self._a.ravel(order=order))
+        _count_op(result, self)
+        return result
 
     def flatten(self, order="C"):
+        COUNTS.ops += 1
         return FakeArray(self._a.flatten(order=order))
 
     def transpose(self, *axes):
@@ -209,6 +303,7 @@ class FakeArray:
     def fill(self, value):
         if not _is_scalar(value):
             raise TypeError(f"Unsupported type {type(value)}")
+        COUNTS.ops += 1
         self._a.fill(value)
 
 
@@ -216,7 +311,11 @@ def _strict_method(name):
     def method(self, *args, **kwargs):
         _refuse_host(args)
         _refuse_host(kwargs)
-        return _wrap(getattr(self._a, name)(*_raw(args), **_raw(kwargs)))
+        if name == "dot":
+            _refuse_scalars(numpy.dot, (self, *args))
+        result = _wrap(getattr(self._a, name)(*_raw(args), **_raw(kwargs)))
+        _count_op(result, self, args)
+        return result
 
     method.__name__ = name
     return method
@@ -272,7 +371,11 @@ def _strict(function):
         _refuse_host(kwargs)
         if function in (numpy.reshape, numpy.ravel):
             _check_order(kwargs)
-        return _wrap(function(*_raw(args), **_raw(kwargs)))
+        _refuse_scalars(function, args)
+        result = _wrap(function(*_raw(args), **_raw(kwargs)))
+        if getattr(function, "__name__", "") not in ("empty", "empty_like"):   # allocation only
+            _count_op(result, args, kwargs)
+        return result
 
     call.__name__ = getattr(function, "__name__", "function")
     call.__wrapped__ = function
@@ -300,6 +403,7 @@ def _from_host(x, dtype=None, copy=None):
         if dtype is None or numpy.dtype(dtype) == x.dtype:
             return x if not copy else x.copy()
         return x.astype(dtype)
+    COUNTS.uploads += 1
     return FakeArray(numpy.array(_raw(x), dtype=dtype))
 
 
@@ -326,6 +430,14 @@ class FakeNamespace:
 
     def asnumpy(self, x):
         return x.get() if isinstance(x, FakeArray) else numpy.asarray(x)
+
+    def emulate_kernel(self, emulation, *args, **kwargs):
+        """Run a custom device kernel (``ddref.kernels``) as its numpy emulation: device arrays
+        in, device arrays out, counted as one op.  Host arrays are refused, as on a GPU."""
+        _refuse_host(args)
+        _refuse_host(kwargs)
+        COUNTS.ops += 1
+        return _wrap(emulation(*_raw(args), **_raw(kwargs)))
 
     def __getattr__(self, name):
         attribute = getattr(self._module, name)

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from autograd import grad
 
-from ddref import _cupy, backend, engines, fused, hypergrad, losses, nn
+from ddref import _cupy, backend, engines, fused, fused_layers, hypergrad, losses, nn
 from ddref.unroll import inverse_softplus
 
 try:
@@ -199,8 +199,9 @@ def _host_zeros(shape, dtype="float64"):
     return np.zeros(shape, dtype=dtype)                 # parameters created on the host
 
 
-def _host_relu_mask(z):
-    return np.asarray(fused.getval(z) > 0, dtype=float)  # a host array planted in the fast path
+def _host_row(b):
+    b = fused.getval(b)                                  # a host array planted in the fast path
+    return b.get() if isinstance(b, FakeArray) else b
 
 
 @pytest.mark.parametrize("plant", ["forward", "fused", "init"])
@@ -210,7 +211,7 @@ def test_a_planted_host_array_fails_on_the_fake_device(monkeypatch, plant):
         monkeypatch.setattr(nn, "relu", _host_relu)
         path = fused.plain()                            # the plain path calls nn.relu
     elif plant == "fused":
-        monkeypatch.setattr(fused, "_relu_mask", _host_relu_mask)
+        monkeypatch.setattr(fused_layers, "_row", _host_row)
     else:
         monkeypatch.setattr(backend, "zeros", _host_zeros)
     p = _problem("mlp")
@@ -224,6 +225,25 @@ def test_a_planted_host_array_fails_on_the_fake_device(monkeypatch, plant):
                     _on_backend(engine, p)
 
 
+def test_fake_device_counts_operations_and_host_syncs():
+    from fake_device import COUNTS
+
+    a = fake_xp.asarray(np.ones((2, 3)))
+    COUNTS.reset()
+    b = a * 2.0 + 1.0                                   # two kernels
+    c = b.T.reshape(6)[1:]                              # views are free, but this reshape copies
+    assert COUNTS.snapshot() == {"ops": 3, "syncs": 0, "uploads": 0}
+    float(np.sum(c))                                    # one kernel, one sync
+    bool(a[0, 0] > 0)                                   # a 0-d view, one kernel, one sync
+    c.get(), fake_xp.asnumpy(a), a[1, 2].item()         # three syncs
+    assert COUNTS.snapshot() == {"ops": 5, "syncs": 5, "uploads": 0}
+    fake_xp.emulate_kernel(lambda x: x + 1, a)         # a custom kernel is one op
+    fake_xp.asarray(np.zeros(2))
+    assert COUNTS.snapshot() == {"ops": 6, "syncs": 5, "uploads": 1}
+    with pytest.raises(TypeError):
+        fake_xp.emulate_kernel(lambda x: x, np.zeros(2))
+
+
 def test_fake_device_refuses_what_cupy_refuses():
     a = fake_xp.ones((2, 3))
     host = np.ones((2, 3))
@@ -232,7 +252,9 @@ def test_fake_device_refuses_what_cupy_refuses():
     for bad in (lambda: np.asarray(a), lambda: a + host, lambda: host * a, lambda: np.dot(a.T, host),
                 lambda: np.concatenate([a, host]), lambda: fake_xp.exp(host),
                 lambda: fake_xp.stack([host, host]), lambda: a.view(np.ndarray),
-                lambda: np.reshape(a, (3, 2), order=None), lambda: np.add.at(a, (0, slice(None)), a[0])):
+                lambda: np.reshape(a, (3, 2), order=None), lambda: np.add.at(a, (0, slice(None)), a[0]),
+                lambda: np.dot(a, 3.0), lambda: fake_xp.dot(2.0, a), lambda: a.dot(3.0), lambda: a @ 2.0,
+                lambda: np.tensordot(a, 1.0, 0), lambda: fake_xp.matmul(a.T, host)):
         with pytest.raises(TypeError):
             bad()
     assert isinstance(a.get(), np.ndarray) and backend.to_numpy(a).sum() == 6.0
@@ -324,7 +346,8 @@ def _host_rules():
         "vspace": lambda: ArrayVSpace(a),
         "repeat_to_match_shape":
             lambda: _cupy._host_repeat_to_match_shape(g, (3, 4), np.dtype(float), 1, True),
-        "dot": lambda: host_vjp(anp_wrapper.dot, 0, a @ b, a, b),
+        "dot": lambda: host_vjp(_cupy._host_dot, 0, a @ b, a, b),
+        "dot_scalar": lambda: _cupy._host_dot(a, 3.0),
         "where": lambda: host_vjp(anp._original_where, 1, a, a > 0, a, a),
         "reshape": lambda: host_vjp(anp_wrapper.reshape, 0, a.reshape(2, 6), a, (2, 6)),
         "ravel": lambda: host_vjp(anp_wrapper.ravel, 0, a.ravel(), a),
