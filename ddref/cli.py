@@ -30,9 +30,12 @@ from ddref import data
 # help for each DistillConfig field; the option is --field-name, the default the config's
 CONFIG_HELP = {
     "method": "what to learn the set with: bptt (Algorithm 1 of Wang et al. 2018, back-propagation "
-              "through the inner training)",
+              "through the inner training); dc (gradient matching, Zhao et al. 2021), dm "
+              "(distribution matching, Zhao & Bilen 2023) or kip (kernel inducing points, Nguyen "
+              "et al. 2021), which learn one unordered set judged by the field protocol, with "
+              "their papers' defaults for the options not given",
     "dataset": "data set to distil (see `ddref datasets`)",
-    "model": "network: mlp, lenet or convnet",
+    "model": "network: mlp, lenet, convnet or convnet3",
     "init": "fixed: one θ0 for the whole run; random: fresh θ0 ~ p(θ0) every iteration; "
             "fixed-pretrained: one pre-trained network; random-pretrained: networks drawn from a "
             "pool of pre-trained ones (see `ddref pretrain`)",
@@ -41,11 +44,12 @@ CONFIG_HELP = {
     "epochs": "epochs E: passes over the S steps (same images, new learning rates)",
     "images_per_class": "distilled images of each class in every step",
     "distill_lr": "initial learned learning rate η̃",
-    "lr": "outer Adam learning rate",
+    "lr": "outer learning rate (Adam; dc and dm: SGD with momentum 0.5; default 0.1 for dc, 1 "
+          "for dm, 0.04 for kip)",
     "betas": "outer Adam betas",
     "lr_decay": "outer learning rate factor applied every --decay-every iterations",
     "decay_every": "iterations between outer learning-rate decays (0: never)",
-    "batch_size": "real images per outer iteration",
+    "batch_size": "real images per outer iteration (dc, dm, kip: per class; default 256, 256, 500)",
     "iterations": "outer iterations",
     "engine": "meta-gradient: backgrad (stored θ_t + Hessian-vector products), naive (autograd through the unroll), "
               "checkpoint (θ stored every √T steps, segments recomputed) or reverse (training run backwards "
@@ -83,6 +87,9 @@ CONFIG_HELP = {
     "label_form": "--learn-labels: softmax (the target is softmax of the learned vector, a "
                   "distribution) or free (the target is the learned vector itself, started at the "
                   "hard label, as in Sucholutsky & Schonlau's code)",
+    "field_epochs": "dc, dm, kip: epochs of each fresh network of the field protocol that judges "
+                    "the set (ddref.protocol; DC's 300 without augmentation)",
+    "width": "convnet3: channels of each block (0: the model's default, 128)",
 }
 
 
@@ -276,12 +283,13 @@ def cmd_distill(args):
     _import_what_the_end_of_a_run_needs()
 
     given = _given_config_options(args)
-    config = DistillConfig.from_dict(given).validate()
+    config = DistillConfig.for_method(**given).validate()
     if not args.resume:
         _warn_untrained_attack(config)
     if args.out is not None and not args.out.strip():
         raise ValueError("--out is empty; name the run folder, e.g. --out runs/my-run.")
-    out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.init}")
+    kind = config.init if config.method == "bptt" else config.method
+    out = Path(args.out or f"runs/{config.dataset}-{config.model}-{kind}")
     with lock_run_folder(out):           # one run at a time in a folder, for the whole run
         return _distill_in_locked_folder(args, given, config, out)
 
@@ -306,10 +314,16 @@ def _distill_in_locked_folder(args, given, config, out):
         from ddref.saved import atomic_write_text
 
         atomic_write_text(out / "pools.json", json.dumps(distiller.pools.records(), indent=1))
-    print(f"distilling {config.dataset} for {config.model}: {config.init} init, "
-          f"{_count(config.steps, 'step')} × {_count(config.epochs, 'epoch')}, "
-          f"{_count(len(distiller.labels), 'image')} per step, "
-          f"{config.engine} meta-gradient → {out}")
+    if config.method == "bptt":
+        print(f"distilling {config.dataset} for {config.model}: {config.init} init, "
+              f"{_count(config.steps, 'step')} × {_count(config.epochs, 'epoch')}, "
+              f"{_count(len(distiller.labels), 'image')} per step, "
+              f"{config.engine} meta-gradient → {out}")
+    else:
+        print(f"distilling {config.dataset} for {config.model} with {config.method} "
+              f"({distiller.objective.citation}): {config.images_per_class} images per class, "
+              f"{distiller.objective.optimiser} at lr {config.lr:g}, {config.batch_size} real images "
+              f"per class per iteration → {out}")
     try:
         distiller.run(checkpoint_path=checkpoint)
     except KeyboardInterrupt:
@@ -354,6 +368,13 @@ def _finish_run(out, distiller, baseline_draws, progress=True):
         accuracy = Accuracy(**pretrained_metrics["distilled_accuracy"])
         baseline = Accuracy(**pretrained_metrics["random_real_accuracy"])
         baseline_lr = pretrained_metrics["random_real_lr"]
+    elif config.method != "bptt":          # a pool: the field protocol for both
+        from ddref.objectives.pool import field_recipe
+
+        accuracy = distiller.accuracy()
+        baseline = distiller.objective.random_real_accuracy(baseline_draws)
+        baseline_lr = field_recipe(config).lr
+        pretrained_metrics = {"protocol": field_recipe(config).to_dict()}
     else:
         accuracy = distiller.accuracy()
         baseline, baseline_lr = random_real_baseline(
@@ -387,6 +408,13 @@ def _finish_run(out, distiller, baseline_draws, progress=True):
     n = metrics["n_images"]
     print(f"wrote {out}/distilled.npz, distilled.png, curves.png, metrics.json "
           f"(checkpoint.npz stays: --resume --iterations N continues the run)")
+    if config.method != "bptt":
+        recipe = metrics["protocol"]
+        print(f"test accuracy under the field protocol ({config.model}, {recipe['epochs']} epochs, "
+              f"lr {recipe['lr']:g}):")
+        print(f"  {n} images made by {config.method}: {accuracy}, over fresh networks")
+        print(f"  {n} random real images:  {baseline}, over draws (one network each)")
+        return
     print(f"test accuracy, {n} distilled images:   {accuracy}")
     print(f"test accuracy, {n} random real images: {baseline} (lr {baseline_lr:g})")
     if pretrained_metrics:
@@ -443,6 +471,10 @@ def cmd_evaluate(args):
 
     path = _distilled_path(args.run)
     distilled = DistilledSet.load(path)
+    method = distilled.config.get("method", "bptt")
+    if method != "bptt" and (args.order is not None or args.model is not None):
+        raise ValueError(f"--order and --model apply to sets of --method bptt; {path} is a {method} "
+                         f"set, an unordered pool trained by the field protocol: leave them out.")
     if args.order is not None or args.model is not None:
         return _evaluate_reuse(distilled, path, args)
     if distilled.config.get("init") in ("fixed-pretrained", "random-pretrained"):
@@ -455,11 +487,18 @@ def cmd_evaluate(args):
 
 
 def _evaluate_plain(distilled, path, n_inits):
-    """Re-evaluate a fixed- or random-init set; compare with metrics.json."""
+    """Re-evaluate a fixed- or random-init set, or a pool set of dc, dm or kip (by the field
+    protocol); compare with metrics.json."""
     from ddref.distill import held_out_accuracy
 
     accuracy = held_out_accuracy(distilled, n_inits=n_inits, source=str(path))
-    print(f"test accuracy of networks trained on {path}: {accuracy}")
+    method = distilled.config.get("method", "bptt")
+    if method != "bptt":
+        epochs = distilled.config.get("field_epochs")
+        print(f"test accuracy of fresh {distilled.config.get('model')} networks trained on {path} "
+              f"({method} set) by the field protocol, {epochs} epochs: {accuracy}")
+    else:
+        print(f"test accuracy of networks trained on {path}: {accuracy}")
     metrics_path = path.parent / "metrics.json"
     if metrics_path.exists() and n_inits is None:
         reported = _reported_metrics(metrics_path)["distilled_accuracy"]
@@ -604,7 +643,7 @@ def _evaluate_pretrained(distilled, path, n_nets):
         return 0
     same = all(abs(reported[k]["mean"] - metrics[k]["mean"]) < 1e-9 for k in pretrained.METRIC_NAMES
                if k in reported)
-    print(f"reported at the end of the run: " + ", ".join(
+    print("reported at the end of the run: " + ", ".join(
         f"{k} {100 * reported[k]['mean']:.2f}%" for k in pretrained.METRIC_NAMES if k in reported)
         + f" ({'reproduced' if same else 'DIFFERENT'})")
     return 0 if same else 1

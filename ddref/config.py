@@ -14,11 +14,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddref import data, engines, labels, nn
+from ddref.methods import dc as _dc, dm as _dm, kip as _kip
 
 INIT_MODES = ("fixed", "random", "fixed-pretrained", "random-pretrained")
 PRETRAINED = ("fixed-pretrained", "random-pretrained")
 SAMPLED = ("random", "random-pretrained")     # modes that draw --n-nets networks every iteration
 OBJECTIVES = ("classify", "attack")
+
+
+def _method_defaults(paper, **more):
+    """Each method's paper defaults (see DistillConfig.for_method): the outer lr (DC and DM
+    update the images by SGD with momentum 0.5, KIP by Adam), the real images of each class per
+    iteration (``batch_size`` means *per class* for dc, dm and kip: DC's and DM's 256; KIP's
+    5,000 class-balanced targets are 500 per class of a 10-class set), no lr decay, one step of
+    one epoch, and init 'random': the sets are judged on fresh networks (the field protocol)."""
+    return {"lr": paper["lr_images"] if "lr_images" in paper else paper["lr"],
+            "batch_size": paper["batch_real"] if "batch_real" in paper else paper["target_batch"] // 10,
+            "decay_every": 0, "init": "random", "steps": 1, "epochs": 1, **more}
+
+
+METHOD_DEFAULTS = {
+    "dc": _method_defaults(_dc.PAPER),
+    "dm": _method_defaults(_dm.PAPER),
+    "kip": _method_defaults(_kip.PAPER, betas=(0.9, 0.999)),    # jax's Adam, as the KIP notebook
+}
 
 
 class DistillError(RuntimeError):
@@ -72,6 +91,24 @@ class DistillConfig:
     label_lr: float = 0.1            # learned labels: outer Adam lr of the label vectors (decays with --lr)
     label_init: float = 0.9          # learned labels: initial probability of the assigned class
     label_form: str = "softmax"      # learned labels: 'softmax' (t = softmax(z)) or 'free' (t = z)
+    # the methods after Wang et al. (dc, dm, kip) and the field's evaluation protocol
+    field_epochs: int = 300          # field protocol (ddref.protocol): epochs of each fresh network
+    width: int = 0                   # convnet3: channels of each block (0: the model's default, 128)
+
+    @classmethod
+    def for_method(cls, method="bptt", **options):
+        """The config of ``method`` with its paper's defaults (:data:`METHOD_DEFAULTS`: outer
+        optimiser lr, Adam betas, real images per class, no lr decay, fresh networks), each
+        overridden by ``options`` (the settings the user gave)."""
+        defaults = dict(METHOD_DEFAULTS.get(method, {}))
+        if method == "kip" and options.get("learn_labels"):
+            defaults["label_form"] = "free"         # KIP learns the regression targets themselves
+        return cls(**{**defaults, **options, "method": method})
+
+    def model_options(self):
+        """Keyword options of :func:`ddref.nn.build_model` that the config sets (convnet3's
+        ``width``)."""
+        return {"width": self.width} if self.width and self.model == "convnet3" else {}
 
     @property
     def num_inner_steps(self):
@@ -99,7 +136,7 @@ class DistillConfig:
                      "pool_nets", "pretrain_epochs"):
             checks.append((getattr(self, name) >= 1, name, "must be at least 1"))
         for name in ("iterations", "decay_every", "eval_every", "checkpoint_every",
-                     "source_class", "target_class"):
+                     "source_class", "target_class", "field_epochs", "width"):
             checks.append((getattr(self, name) >= 0, name, "must be 0 or more"))
         checks += [
             (self.n_nets == 1 or self.init.startswith("random"), "n_nets",
@@ -136,6 +173,8 @@ class DistillConfig:
             (self.label_form == "softmax" or self.label_init == DistillConfig.label_init,
              "label_init", "only applies with --label-form softmax (free labels start as the "
                            "hard labels)"),
+            (not self.width or self.model == "convnet3", "width",
+             "only applies to --model convnet3 (the channels of its blocks); leave it at 0"),
             (self.images >= 0, "images", "must be 0 (use --images-per-class) or a number of images"),
             (not self.images or self.images_per_class == 1, "images",
              "and --images-per-class both set the images per step: give only one of them"),

@@ -113,7 +113,8 @@ def prepared_for_evaluation(distilled: DistilledSet, dataset=None, source="disti
         raise SavedFileError(f"{source}: its config cannot be used ({error}); make it again "
                              f"with `ddref distill`.") from None
     dataset = dataset if dataset is not None else data.load(config.dataset, dtype=config.dtype)
-    model = nn.build_model(config.model, dataset.image_shape, dataset.num_classes)
+    model = nn.build_model(config.model, dataset.image_shape, dataset.num_classes,
+                           **config.model_options())
     model.check_input(distilled.images.shape)
     distilled.check(dataset.num_classes, source)
     distilled.check_theta0(model.init.shapes, source)
@@ -137,15 +138,22 @@ def check_n_inits(n_inits, config, source="distilled set"):
 
 
 def held_out_accuracy(distilled: DistilledSet, dataset=None, n_inits=None, source="distilled set") -> Accuracy:
-    """Re-evaluate a saved distilled set the way the run that made it did: the test accuracy
-    after training on its steps from the networks the run was judged on — its stored θ0 (fixed,
-    fixed-pretrained), its held-out random initialisations (random) or the first networks of
-    its recorded held-out pool (random-pretrained) — the run's ``distilled_accuracy``.
+    """Re-evaluate a saved distilled set the way the run that made it did.  Algorithm 1's sets:
+    the test accuracy after training on their steps with their learned rates from the networks
+    the run was judged on — its stored θ0 (fixed, fixed-pretrained), its held-out random
+    initialisations (random) or the first networks of its recorded held-out pool
+    (random-pretrained) — the run's ``distilled_accuracy``.  The sets of dc, dm and kip (pools):
+    the field protocol with the run's --field-epochs and seed (ddref.objectives.pool).
 
         held_out_accuracy(DistilledSet.load("runs/digits-mlp-fixed/distilled.npz"))
     """
     config, dataset, model, images, lrs, theta0 = prepared_for_evaluation(distilled, dataset, source)
     check_n_inits(n_inits, config, source)
+    if config.method != "bptt":
+        from ddref.objectives.pool import field_accuracy
+
+        return field_accuracy(config, model, dataset, images, distilled.labels,
+                              distilled.soft_labels, n_inits or config.eval_inits)
     soft = None if distilled.soft_labels is None else backend.asarray(distilled.soft_labels,
                                                                        dtype=config.dtype)
     return evaluate_distilled(model, dataset, backend.asarray(images), distilled.labels,

@@ -12,7 +12,8 @@ from ddref.methods import dm
 K = 3
 
 MODELS = [("mlp", (1, 4, 4), {"hidden": (8, 6)}), ("mlp", (1, 4, 4), {"hidden": ()}),
-          ("lenet", (1, 28, 28), {}), ("lenet", (3, 32, 32), {}), ("convnet", (3, 32, 32), {})]
+          ("lenet", (1, 28, 28), {}), ("lenet", (3, 32, 32), {}), ("convnet", (3, 32, 32), {}),
+          ("convnet3", (1, 8, 8), {"width": 4}), ("convnet3", (3, 16, 16), {"width": 5})]
 
 
 @pytest.mark.parametrize("name, shape, options", MODELS)

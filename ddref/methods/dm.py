@@ -39,7 +39,7 @@ PAPER = {
     "init": "real",           # the synthetic images start as random real images
 }
 
-EMBEDDED_MODELS = ("mlp", "lenet", "convnet")
+EMBEDDED_MODELS = ("mlp", "lenet", "convnet", "convnet3")
 
 
 def _name(model):
@@ -64,13 +64,16 @@ def head_keys(model_name, params):
         return f"w{last}", f"b{last}"
     if model_name in ("lenet", "convnet"):
         return "f3w", "f3b"
+    if model_name == "convnet3":
+        return "fw", "fb"
     raise _unknown(model_name)
 
 
 def embed(model_name, params, x):
     """ψθ(x): the network ``model_name`` without its final linear layer, images (N, C, H, W) →
     features (N, F), with the parameter names of ddref.nn ('mlp': w0, b0, …; 'lenet' and
-    'convnet': c1w, …, f3b).  Differentiable by autograd w.r.t. x."""
+    'convnet': c1w, …, f3b; 'convnet3': c1w, …, n3b, its features the flattened maps).
+    Differentiable by autograd w.r.t. x."""
     model_name = _name(model_name)
     if model_name == "mlp":
         h = nn.flatten(x)
@@ -87,6 +90,13 @@ def embed(model_name, params, x):
         h = nn.max_pool2x2_nhwc(nn.relu(nn.conv2d_nhwc(h, params["c2w"], params["c2b"], pad=pads[1])))
         h = nn.relu(nn.dense(nn.flatten(h), params["f1w"], params["f1b"]))
         return nn.relu(nn.dense(h, params["f2w"], params["f2b"]))
+    if model_name == "convnet3":     # as nn.convnet3 up to its classifier: DC's ConvNet.embed
+        h = nn.to_nhwc(x)
+        pad1 = nn.convnet3_first_pad(x.shape[1])
+        for i, pad in ((1, pad1), (2, 1), (3, 1)):
+            h = nn.conv2d_nhwc(h, params[f"c{i}w"], params[f"c{i}b"], pad=pad)
+            h = nn.avg_pool2x2_nhwc(nn.relu(nn.instance_norm_nhwc(h, params[f"n{i}g"], params[f"n{i}b"])))
+        return nn.flatten(h)
     raise _unknown(model_name)
 
 

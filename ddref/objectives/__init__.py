@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from ddref.objectives.base import Objective
 from ddref.objectives.bptt import Algorithm1
+from ddref.objectives.dc import GradientMatching
+from ddref.objectives.dm import DistributionMatching
+from ddref.objectives.kip import KernelInducingPoints
 
 METHODS = {
     "bptt": Algorithm1,          # Wang et al. 2018, Algorithm 1: back-propagation through training
+    "dc": GradientMatching,      # Zhao, Mopuri & Bilen 2021: gradient matching
+    "dm": DistributionMatching,  # Zhao & Bilen 2023: distribution matching
+    "kip": KernelInducingPoints,  # Nguyen, Chen & Lee 2021: kernel inducing points
 }
 
 

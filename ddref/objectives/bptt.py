@@ -35,7 +35,8 @@ class Algorithm1(Objective):
 
     def __init__(self, config, dataset, rng, progress=True):
         super().__init__(config, dataset, rng, progress)
-        self.model = nn.build_model(config.model, dataset.image_shape, dataset.num_classes)
+        self.model = nn.build_model(config.model, dataset.image_shape, dataset.num_classes,
+                                    **config.model_options())
         data.check_finite(dataset.x_train, f"the {dataset.name} training images")
         self.x_train = backend.asarray(dataset.x_train, dtype=config.dtype)
         k = dataset.num_classes
