@@ -90,7 +90,7 @@ def test_evaluate_says_when_the_attack_is_not_reproduced(attack_run, tmp_path, c
 @pytest.mark.parametrize("init,warned", [("fixed", True), ("random", True),
                                          ("random-pretrained", False)])
 def test_an_attack_on_untrained_networks_is_said(init, warned, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_distill_in_locked_folder", lambda *a: 0)   # the warning only
+    monkeypatch.setattr(cli.run, "_distill_in_locked_folder", lambda *a: 0)   # the warning only
     assert cli.main(["distill", *ATTACK, "--init", init, "--out", "unused"]) == 0
     err = capsys.readouterr().err
     assert ("attacks untrained networks" in err) == warned

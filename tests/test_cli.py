@@ -98,7 +98,7 @@ BAD_OPTIONS = [
 @pytest.mark.parametrize("argv", BAD_OPTIONS, ids=[" ".join(a) for a in BAD_OPTIONS])
 def test_a_bad_option_is_one_sentence_before_any_work(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "_finish_run", lambda *a: pytest.fail("ran anyway"))
+    monkeypatch.setattr(cli.run, "_finish_run", lambda *a: pytest.fail("ran anyway"))
     try:
         code = main(argv + (["--out", "run", "--iterations", "1", "--no-progress"]
                             if argv[0] == "distill" else []))
