@@ -22,25 +22,32 @@ def log_softmax(logits):
     return shifted - anp.log(anp.sum(anp.exp(shifted), axis=1, keepdims=True))
 
 
-def one_hot(labels, num_classes, dtype="float64"):
-    """Integer labels (N,) → one-hot rows (N, num_classes) on the selected backend.
-    A label outside 0..num_classes−1 is a ValueError (it would be an all-zero row)."""
+def class_labels(labels, num_classes, name="labels"):
+    """``labels`` checked as one whole class number in 0 … num_classes − 1 per image, shape
+    (N,), as integers on the selected backend; anything else is one ValueError naming ``name``."""
     xp = backend.xp()
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be a whole number of at least 1, got {num_classes!r}.")
     labels = backend.asarray(labels)
     if labels.ndim != 1:
-        raise ValueError(f"labels must be one integer per image, shape (N,); got shape "
+        raise ValueError(f"{name} must be one integer per image, shape (N,); got shape "
                          f"{tuple(labels.shape)}.")
     if labels.dtype.kind not in "iu":
         if labels.dtype.kind != "f" or not bool((labels == xp.floor(labels)).all()):
-            raise ValueError(f"labels must be whole class numbers; got {labels.dtype} values "
+            raise ValueError(f"{name} must be whole class numbers; got {labels.dtype} values "
                              f"such as {_first_fraction(labels)}: round them or use learned labels.")
         labels = labels.astype(int)
     if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"labels must lie in 0..{num_classes - 1} for {num_classes} classes; "
+        raise ValueError(f"{name} must lie in 0..{num_classes - 1} for {num_classes} classes; "
                          f"got {int(labels.min())}..{int(labels.max())}: check num_classes or the labels.")
-    return (labels[:, None] == xp.arange(num_classes)[None, :]).astype(dtype)
+    return labels
+
+
+def one_hot(labels, num_classes, dtype="float64"):
+    """Integer labels (N,) → one-hot rows (N, num_classes) on the selected backend.
+    A label outside 0..num_classes−1 is a ValueError (it would be an all-zero row)."""
+    labels = class_labels(labels, num_classes)
+    return (labels[:, None] == backend.xp().arange(num_classes)[None, :]).astype(dtype)
 
 
 def _first_fraction(labels):

@@ -139,8 +139,8 @@ def test_loss_rejects_a_real_batch_without_a_synthetic_class(rng):
     keep = y_real != 2
     with pytest.raises(ValueError, match=r"no images of class\(es\) \[2\]"):
         dc.dc_loss(model, params, x_syn, y_syn, x_real[keep], y_real[keep])
-    with pytest.raises(ValueError, match="y_syn must be integer class indices"):
-        dc.dc_loss(model, params, x_syn, y_syn.astype(float), x_real, y_real)
+    with pytest.raises(ValueError, match="y_syn must be whole class numbers"):
+        dc.dc_loss(model, params, x_syn, y_syn + 0.5, x_real, y_real)
 
 
 # ---------------------------------------------------------------------------- inner training

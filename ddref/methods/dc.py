@@ -138,12 +138,7 @@ def class_loss(model, params, x, y, num_classes):
 
 
 def _class_indices(labels, num_classes, name):
-    labels = backend.to_numpy(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{name} must be integer class indices of shape (N,), got dtype "
-                         f"{labels.dtype} and shape {labels.shape}.")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{name} must lie in 0..{num_classes - 1}; got {labels.min()}..{labels.max()}.")
+    labels = backend.to_numpy(losses.class_labels(labels, num_classes, name))
     return {c: np.flatnonzero(labels == c) for c in range(num_classes) if np.any(labels == c)}
 
 

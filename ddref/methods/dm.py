@@ -29,7 +29,7 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval
 
-from ddref import backend, nn
+from ddref import backend, losses, nn
 
 PAPER = {
     "lr_images": 1.0,         # SGD on the synthetic images ...
@@ -110,13 +110,7 @@ def class_means(features, labels, num_classes):
 
 
 def _check_labels(labels, num_classes, name):
-    labels = backend.to_numpy(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{name} must be integer class indices of shape (N,), got dtype "
-                         f"{labels.dtype} and shape {labels.shape}.")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{name} must lie in 0..{num_classes - 1}; got {labels.min()}..{labels.max()}.")
-    return np.unique(labels)
+    return np.unique(backend.to_numpy(losses.class_labels(labels, num_classes, name)))
 
 
 def dm_loss(model_name, params, x_syn, y_syn, x_real, y_real, num_classes):
