@@ -26,7 +26,7 @@ is mean ± std over draws and networks together.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.cluster import KMeans
@@ -156,17 +156,18 @@ def _all_finite(params):
 
 
 def as_training_data(model, dataset, sets, labels, epochs, inits, lr_grid=LR_GRID, tune_pairs=3,
-                     n_pairs=None, momentum=0.0):
+                     n_pairs=None, momentum=0.0, tune_split=None):
     """Test accuracy (mean ± std over pairs) of networks trained on ``sets`` (inner momentum
     β = ``momentum``, as the distilled set is) with the lr tuned on the training split over the
     first ``tune_pairs`` pairs; returns (Accuracy, lr).  ``n_pairs`` limits how many pairs are
-    evaluated (default all)."""
+    evaluated (default all).  ``tune_split``: (x, y) drawn from the training split to tune on
+    instead of all of it (a full-size split is slow to score |LR_GRID| × pairs times)."""
     if isinstance(tune_pairs, bool) or not isinstance(tune_pairs, (int, np.integer)) or tune_pairs < 1:
         raise ValueError(f"tune_draws must be at least 1 (pairs the lr is tuned on), got {tune_pairs!r}.")
     targets = one_hot(labels, dataset.num_classes, _dtype_of(inits[0]))
     pairs = pairs_of(sets, inits)
-    lr = tune_lr(model.apply, pairs[:tune_pairs], targets, epochs, dataset.x_train, dataset.y_train,
-                 lr_grid, momentum)
+    x_tune, y_tune = tune_split if tune_split is not None else (dataset.x_train, dataset.y_train)
+    lr = tune_lr(model.apply, pairs[:tune_pairs], targets, epochs, x_tune, y_tune, lr_grid, momentum)
     trained = train_pairs(model.apply, pairs[:n_pairs], targets, epochs, lr, momentum)
     return Accuracy.of(accuracies_on(model.apply, trained, dataset.x_test, dataset.y_test)), lr
 
@@ -261,13 +262,15 @@ def nearest_neighbour_accuracy(x_steps, labels, x_test, y_test, batch_size=1024)
 
 @dataclass(frozen=True)
 class BaselineResult:
-    """One baseline: test accuracy as training data (with its tuned lr) and as 1-NN examples."""
+    """One baseline: test accuracy as training data (with its tuned lr) and as 1-NN examples;
+    ``sets``: the image sets (S, n, C, H, W) both were measured on (one per draw)."""
 
     name: str
     training: Accuracy
     lr: float
     nearest_neighbour: Accuracy
     n_images: int
+    sets: tuple = field(default=(), repr=False, compare=False)
 
 
 def baseline_sets(name, model, dataset, steps, epochs, labels, inits, n_draws=10, seed=0,
@@ -304,9 +307,11 @@ def baseline_sets(name, model, dataset, steps, epochs, labels, inits, n_draws=10
 
 
 def run_baseline(name, model, dataset, steps, epochs, labels, inits, n_draws=10, seed=0,
-                 lr_grid=LR_GRID, tune_draws=3, momentum=0.0, **options) -> BaselineResult:
+                 lr_grid=LR_GRID, tune_draws=3, momentum=0.0, tune_split=None,
+                 **options) -> BaselineResult:
     """Baseline ``name`` both ways: trained on for ``steps`` × ``epochs`` from ``inits`` (one
-    fixed θ0, or one network per draw) with the inner momentum β, and as 1-NN stored examples.
+    fixed θ0, or one network per draw) with the inner momentum β, and as 1-NN stored examples
+    (``tune_split``: see :func:`as_training_data`).
     ``options`` go to :func:`baseline_sets` (n_candidates, score_inits, kmeans_n_init,
     kmeans_draws)."""
     model.check_input((1, *dataset.image_shape))
@@ -314,10 +319,12 @@ def run_baseline(name, model, dataset, steps, epochs, labels, inits, n_draws=10,
                          lr_grid, tune_draws, momentum=momentum, **options)
     n_pairs = len(pairs_of(sets[:n_draws], inits[:n_draws]))
     training, lr = as_training_data(model, dataset, sets, labels, epochs, inits, lr_grid,
-                                    tune_draws, n_pairs=n_pairs, momentum=momentum)
+                                    tune_draws, n_pairs=n_pairs, momentum=momentum,
+                                    tune_split=tune_split)
     nn_accs = [nearest_neighbour_accuracy(x, labels, dataset.x_test, dataset.y_test)
                for x in sets[:n_draws]]
-    return BaselineResult(name, training, lr, Accuracy.of(nn_accs), int(np.prod(sets[0].shape[:2])))
+    return BaselineResult(name, training, lr, Accuracy.of(nn_accs), int(np.prod(sets[0].shape[:2])),
+                          tuple(sets[:n_draws]))
 
 
 def random_real_baseline(model, dataset, steps, epochs, labels, theta0=None, n_draws=10,

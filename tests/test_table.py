@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ddref import table
@@ -126,7 +127,7 @@ def test_the_markdown_marks_baselines_the_distilled_set_does_not_beat():
 
 def test_bad_options_are_one_clear_line(capsys, tmp_path):
     assert main(["table", "--grid", "huge", "--out", str(tmp_path)]) == 2
-    assert "--grid 'huge' is not a grid; choose one of readme, small" in capsys.readouterr().err
+    assert "--grid 'huge' is not a grid; choose one of readme, small, fashion" in capsys.readouterr().err
     assert main(["table", "--grid", "small", "--only", "cifar*", "--out", str(tmp_path)]) == 2
     assert "--only 'cifar*' matches no cell" in capsys.readouterr().err
     with pytest.raises(ValueError, match="lenet takes 28×28 or 32×32 images"):
@@ -273,3 +274,106 @@ def test_jobs_never_exceed_the_cells_or_the_cpus(tmp_path, monkeypatch):
         table.run_grid(SMALL, tmp_path, jobs=6, only=f"{CELL},{SMALL.cells()[1].name}",
                        progress=False, log=lambda *a: None)
     assert asked == [min(2, cpus)]
+
+
+# ---------------------------------------------------------------------------- both protocols
+
+FIELD = table.Grid("field", SMALL.settings, inits=("fixed",),
+                   methods=("distilled", "random_real", "average"), n_draws=2, tune_draws=2,
+                   n_candidates=3, protocols=("paper", "field"), field_nets=3, field_epochs=5)
+
+
+@pytest.fixture(scope="module")
+def field_table(tmp_path_factory):
+    out = tmp_path_factory.mktemp("field")
+    table.run_grid(FIELD, out, jobs=1, progress=False, log=lambda s: None)
+    return out, json.loads((out / "table.json").read_text())
+
+
+def test_field_rows_are_the_protocol_on_the_set_as_a_pool(field_table):
+    """The distilled row is ddref.protocol.evaluate on the stored set (steps flattened, labels
+    tiled); the class average's (one set) too: the wiring, not a copy of the protocol."""
+    from ddref import data, nn, protocol
+    from ddref.baselines import average_steps
+    from ddref.saved import DistilledSet
+
+    out, result = field_table
+    dataset = data.load("digits")
+    model = nn.build_model("mlp", dataset.image_shape, dataset.num_classes)
+    recipe = protocol.Recipe(epochs=5, n_nets=3)
+    distilled = DistilledSet.load(out / "cells" / "digits-mlp-fixed-distilled" / "distilled.npz")
+    s, n = distilled.images.shape[:2]
+    labels = np.tile(distilled.labels, s)
+    average = average_steps(dataset, s, distilled.labels)
+    for name, images in (("distilled", distilled.images), ("average", average)):
+        direct = protocol.evaluate(model, dataset, images.reshape(s * n, *images.shape[2:]), labels,
+                                   recipe, seed=FIELD.seed)
+        row = json.loads((out / "cells" / f"digits-mlp-fixed-{name}" / "result.json").read_text())
+        assert row["rows"][f"field_{name}"]["values"] == list(direct.accuracy.values)
+        assert row["rows"][f"field_{name}"]["mean"] == direct.accuracy.mean
+    kinds = {(r["method"], r["kind"]) for r in result["rows"]}
+    assert {("distilled", "field"), ("random_real", "field"), ("average", "field")} <= kinds
+    md = (out / "table.md").read_text()
+    assert md.index("| class average (1-NN) |") < md.index("| distilled (field protocol) |")
+    assert "| random real (field protocol) |" in md and "3 fresh random networks" in md
+
+
+def test_with_several_draws_network_k_trains_on_draw_k_mod_draws():
+    from ddref import data, nn, protocol
+    from ddref.table.cells import field_row
+
+    dataset = data.load("digits")
+    model = nn.build_model("mlp", dataset.image_shape, dataset.num_classes)
+    rng = np.random.default_rng(3)
+    draws = [rng.normal(size=(2, 10, *dataset.image_shape)).astype("float32") for _ in range(2)]
+    labels = np.arange(10)
+    row = field_row(FIELD, model, dataset, draws, labels)
+    assert row["n"] == 3 and row["draws"] == 2 and row["n_images"] == 20
+    for k in range(3):   # network k of the protocol, trained alone on draw k mod 2
+        x = draws[k % 2]
+        alone = protocol.evaluate(model, dataset, x.reshape(20, *x.shape[2:]), np.tile(labels, 2),
+                                  protocol.Recipe(epochs=5, n_nets=k + 1), seed=FIELD.seed,
+                                  stacked=False)
+        assert row["values"][k] == alone.accuracy.values[k]
+
+
+def test_the_old_grids_cell_settings_are_unchanged():
+    """The readme grid's stored cells (results/cells, committed) still match: the field
+    protocol's options, tune_images and a setting's tag stay out of a grid that does not use them."""
+    stored = sorted((ROOT / "results" / "cells").glob("*/result.json"))
+    assert len(stored) == len(table.GRIDS["readme"].cells())
+    grid = table.GRIDS["readme"]
+    for cell in grid.cells():
+        path = ROOT / "results" / "cells" / cell.name / "result.json"
+        assert json.loads(path.read_text())["settings"] == table.cell_settings(grid, cell)
+    small = table.cell_settings(SMALL, SMALL.cells()[0])
+    assert not {"protocols", "field_nets", "field_epochs", "tune_images"} & set(small)
+    assert "tag" not in small["setting"]
+    field = table.cell_settings(FIELD, FIELD.cells()[0])
+    assert field["protocols"] == ["paper", "field"] and field["field_epochs"] == 5
+
+
+def test_two_shapes_of_one_data_set_and_model_do_not_collide():
+    import dataclasses
+
+    one, ten = (dataclasses.replace(SMALL.settings[0], steps=s, tag=f"{s}x") for s in (2, 1))
+    grid = table.Grid("two", (one, ten), inits=("fixed",), methods=("distilled", "average"),
+                      protocols=("paper", "field"))
+    names = [c.name for c in grid.cells()]
+    assert len(set(names)) == 4 and "digits-mlp-2x-fixed-distilled" in names
+    rows = [{"dataset": "digits", "model": "mlp", "tag": s.tag, "init": "fixed", "method": m,
+             "kind": k, "mean": v, "std": 0.0, "n": 1}
+            for s, m, k, v in ((one, "distilled", "training", 0.9), (ten, "distilled", "training", 0.5),
+                               (one, "average", "training", 0.7), (ten, "average", "training", 0.6),
+                               (one, "distilled", "field", 0.4), (one, "average", "field", 0.45))]
+    md = table.markdown(grid, rows)
+    first, second = md.split("## digits / mlp: 1 steps")
+    assert "| distilled | 90.0 |" in first and "| class average | 70.0 |" in first
+    assert "| distilled | 50.0 |" in second and "| class average | 60.0 † |" in second
+    assert "| class average (field protocol) | 45.0 † |" in first   # † against field distilled
+    assert "- digits/mlp (20 images), fixed init, field protocol (distilled 40.0): class average " \
+           "(field protocol) 45.0" in md
+    with pytest.raises(ValueError, match="two settings are both 'digits-mlp'"):
+        table.check_grid(table.Grid("bad", (SMALL.settings[0], SMALL.settings[0])))
+    with pytest.raises(ValueError, match="protocols"):
+        table.check_grid(dataclasses.replace(grid, protocols=("field",)))

@@ -2,6 +2,7 @@
 
     ddref table --grid readme --jobs 2          # the README's results
     ddref table --grid small --out /tmp/small   # a tiny grid, in seconds
+    ddref table --grid fashion --jobs 2         # Fashion-MNIST, both protocols (≈ 45 min)
 
 Every cell — one (data set, model, init mode, method) — is computed by :func:`run_cell` on
 its own and writes ``OUT/cells/NAME/result.json`` atomically when it is done; a rerun
@@ -14,6 +15,11 @@ and resumes it.  The methods:
 * ``random_real``, ``optimised_real``, ``kmeans``, ``average`` — :mod:`ddref.baselines`,
   both ways, with exactly the distilled set's steps, epochs, labels and networks;
 * ``full_data``   — Adam on the whole training split (:func:`ddref.evaluate.train_full`).
+
+A grid with ``protocols=("paper", "field")`` also judges every training method's set by the
+field's protocol (:mod:`ddref.protocol`: fresh networks trained on it as an unordered pool):
+a row ``field_<method>`` in the cell, kind "field" in ``table.json``, "(field protocol)" in the
+table.  Two settings of one data set and model are told apart by ``Setting.tag``.
 
 Independent cells run in parallel through joblib (``--jobs N``, processes by default).  Any
 joblib backend spreads them over a cluster with no change to ddref, e.g. with dask::

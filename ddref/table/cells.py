@@ -5,6 +5,12 @@ atomically; :func:`stored_result` reads it back, or None when it is missing or w
 with other settings (:func:`cell_settings`), and a damaged file is one sentence
 (:func:`check_result`).  A distilled cell checkpoints its distillation in its folder and
 resumes it.
+
+With the field protocol in the grid (``grid.protocols``), every training method's cell adds
+a row ``field_<method>``: :func:`ddref.protocol.evaluate` on the cell's set as an unordered
+pool — a distilled set (S, n, C, H, W) reshaped to (S·n, C, H, W), its labels tiled S times;
+a baseline's draws paired with the networks, network k on draw k mod #draws
+(:func:`field_row`).  Every method's network k starts from the same θ0 (the grid's seed, k).
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import time
 from pathlib import Path
 
 import ddref
-from ddref import baselines, data, nn
-from ddref.evaluate import Accuracy, accuracy_on, held_out_inits, train_full
+import numpy as np
+
+from ddref import baselines, data, nn, protocol
+from ddref.evaluate import Accuracy, accuracies_on, accuracy_on, held_out_inits, train_full
 from ddref.saved import write_atomically
 from ddref.table.grids import distill_config
 
@@ -31,12 +39,68 @@ def evaluation_inits(config, dataset, model, n):
     return held_out_inits(model, n, config.seed, config.dtype)
 
 
+# options added after cells were stored under results/: left out of a cell's settings while
+# they keep their default, so that those cells stay valid (the field protocol's K and epochs
+# matter only with the field protocol)
+ADDED_GRID_OPTIONS = {"protocols": ("paper",), "field_nets": None, "field_epochs": None,
+                      "tune_images": 0}
+ADDED_SETTING_OPTIONS = {"tag": ""}
+
+
 def cell_settings(grid, cell):
-    """Everything a cell's numbers depend on; a stored result with other settings is stale."""
+    """Everything a cell's numbers depend on; a stored result with other settings is stale.
+    A grid without the field protocol, the default ``tune_images`` and settings without a
+    tag gives exactly the settings it gave before those options existed."""
+    field = "field" in grid.protocols
+
+    def kept(name, value, added):
+        if name not in added:
+            return True
+        if added[name] is None:          # the field protocol's own options
+            return field
+        return value != added[name]
+
     grid_fields = {k: v for k, v in dataclasses.asdict(grid).items()
-                   if k not in ("name", "settings", "inits", "methods", "notes")}
-    return {"cell": cell.name, "setting": dataclasses.asdict(cell.setting), "init": cell.init,
-            "method": cell.method, **grid_fields, "version": ddref.__version__}
+                   if k not in ("name", "settings", "inits", "methods", "notes")
+                   and kept(k, v, ADDED_GRID_OPTIONS)}
+    setting = {k: v for k, v in dataclasses.asdict(cell.setting).items()
+               if kept(k, v, ADDED_SETTING_OPTIONS)}
+    settings = {"cell": cell.name, "setting": setting, "init": cell.init,
+                "method": cell.method, **grid_fields, "version": ddref.__version__}
+    return json.loads(json.dumps(settings))   # as stored: tuples are JSON lists
+
+
+def field_recipe(grid):
+    """The field protocol's recipe for ``grid``: its K networks and epochs, DC's other values."""
+    return protocol.Recipe(epochs=grid.field_epochs, n_nets=grid.field_nets, dtype=grid.dtype)
+
+
+def as_pool(images, labels):
+    """A set of S steps (S, n, C, H, W) with the labels (n,) of one step, as the unordered pool
+    (S·n, C, H, W) with its labels tiled S times."""
+    images = np.asarray(images)
+    return images.reshape(-1, *images.shape[2:]), np.tile(np.asarray(labels), images.shape[0])
+
+
+def field_row(grid, model, dataset, sets, labels):
+    """The field protocol on ``sets`` (one set, or one per draw): network k (θ0 and shuffles
+    from :func:`ddref.protocol.network_rng` (grid seed, k)) trained on draw k mod #draws as a
+    pool, each tested on the whole test split.  One set is exactly
+    :func:`ddref.protocol.evaluate`; several draws train each network by its plain loop."""
+    recipe = field_recipe(grid)
+    if len(sets) == 1:
+        result = protocol.evaluate(model, dataset, *as_pool(sets[0], labels), recipe, seed=grid.seed)
+        scores = list(result.accuracy.values)
+    else:
+        nets = []
+        for k in range(recipe.n_nets):
+            images, targets = protocol.training_targets(model, *as_pool(sets[k % len(sets)], labels),
+                                                        dtype=recipe.dtype)
+            nets.append(protocol.train_network(model, images, targets, recipe,
+                                               protocol.network_rng(grid.seed, k)))
+        scores = accuracies_on(model.apply, nets, dataset.x_test, dataset.y_test)
+    return _row(Accuracy.of(scores), values=[float(v) for v in scores], draws=len(sets),
+                n_images=int(np.prod(np.shape(sets[0])[:2])), recipe=recipe.to_dict())
 
 
 def run_cell(grid, cell, out, progress=False):
@@ -75,8 +139,11 @@ def _distilled_rows(grid, cell, config, dataset, model, folder, progress):
     distilled.save(folder / "distilled.npz")
     nn_accuracy = baselines.nearest_neighbour_accuracy(distilled.images, distilled.labels,
                                                        dataset.x_test, dataset.y_test)
-    return {"distilled": _row(distiller.accuracy(n_inits=grid.n_draws)),
+    rows = {"distilled": _row(distiller.accuracy(n_inits=grid.n_draws)),
             "knn_distilled": _row(Accuracy.of([nn_accuracy]))}
+    if "field" in grid.protocols:
+        rows["field_distilled"] = field_row(grid, model, dataset, [distilled.images], distilled.labels)
+    return rows
 
 
 def _baseline_rows(grid, cell, config, dataset, model, folder, progress):
@@ -90,9 +157,23 @@ def _baseline_rows(grid, cell, config, dataset, model, folder, progress):
         cell.method, model, dataset, config.steps, config.epochs, labels, inits,
         n_draws=grid.n_draws, seed=config.seed, tune_draws=grid.tune_draws,
         n_candidates=grid.n_candidates, score_inits=score_inits, kmeans_draws=grid.kmeans_draws,
-        momentum=config.momentum)
-    return {cell.method: _row(result.training, lr=result.lr),
+        momentum=config.momentum, tune_split=tune_split(grid, dataset))
+    rows = {cell.method: _row(result.training, lr=result.lr),
             f"knn_{cell.method}": _row(result.nearest_neighbour)}
+    if "field" in grid.protocols:
+        rows[f"field_{cell.method}"] = field_row(grid, model, dataset, result.sets, labels)
+    return rows
+
+
+def tune_split(grid, dataset):
+    """The training images the baselines tune their lr on: all of the training split, or
+    ``grid.tune_images`` of it drawn at random (seeded by the grid's seed); never a test image."""
+    n = len(dataset.x_train)
+    if not grid.tune_images or grid.tune_images >= n:
+        return None
+    rng = np.random.default_rng(np.random.SeedSequence([grid.seed, 0x7E5E]))
+    chosen = np.sort(rng.choice(n, grid.tune_images, replace=False))
+    return dataset.x_train[chosen], dataset.y_train[chosen]
 
 
 def _full_data_rows(grid, cell, config, dataset, model, folder, progress):
