@@ -150,29 +150,34 @@ class OuterLoop:
     def _diverged(self, error, recent, checkpoint_path):
         """Roll back, save, and say how to go on.  Restarting from the iteration before the one
         that diverged would diverge again (its state is what blew up), so the run goes back
-        :data:`ROLLBACK` iterations, where a smaller outer lr can take another path."""
+        :data:`ROLLBACK` iterations, where a smaller outer lr can take another path.  A set
+        that diverges from the start needs a smaller value of the objective's
+        ``start_option`` (Algorithm 1: the initial η̃, --distill-lr; the others: --lr)."""
+        start = self.objective.start_option
+        flag, value = "--" + start.replace("_", "-"), getattr(self.config, start)
         if error.from_start:
-            lr = self.config.distill_lr
-            return DistillError(f"{error}: the initial learning rate --distill-lr {lr:g} is too "
-                                f"large; start again with a smaller one, e.g. `--distill-lr "
-                                f"{lr / 4:g} --force` with your other options.")
+            return DistillError(f"{error}: {flag} {value:g} is too large from the start; start "
+                                f"again with a smaller one, e.g. `{flag} {value / 4:g} --force` "
+                                f"with your other options.")
+        smaller = f"a smaller {flag}" if start != "lr" else "it"
         diverged_at = self.iteration
         self._restore(recent[0])
         if checkpoint_path:
             self._save_uninterrupted(checkpoint_path)
         if self.iteration == diverged_at:       # a resumed run that diverges at once
             return DistillError(f"{error}, right after the state it resumed from; start again "
-                                f"with --force and a smaller --lr (e.g. {self.config.lr / 4:g}) "
-                                f"or --distill-lr.")
+                                f"with --force and a smaller --lr (e.g. {self.config.lr / 4:g})"
+                                + (f" or {smaller}." if start != "lr" else "."))
         if not checkpoint_path:
             return DistillError(f"{error}; start again with a smaller outer --lr "
-                                f"(e.g. {self.config.lr / 4:g}) or --distill-lr.")
+                                f"(e.g. {self.config.lr / 4:g})"
+                                + (f" or {smaller}." if start != "lr" else "."))
         out = Path(checkpoint_path).parent
         return DistillError(
             f"{error}. The state of iteration {self.iteration} ({ROLLBACK} iterations earlier, "
             f"or the start) is saved in {checkpoint_path}: continue it with a smaller outer "
-            f"learning rate, `ddref distill --resume --out {out} --lr {self.config.lr / 4:g}`, or "
-            f"start again with a smaller --distill-lr and --force.")
+            f"learning rate, `ddref distill --resume --out {out} --lr {self.config.lr / 4:g}`"
+            + (f", or start again with {smaller} and --force." if start != "lr" else "."))
 
     def _iterate(self, bar, checkpoint_path):
         """One outer iteration with its bookkeeping: step, progress, curve point, checkpoint."""

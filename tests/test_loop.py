@@ -134,3 +134,12 @@ def test_the_divergence_advice_followed_literally_gets_past_the_iteration(digits
 def test_a_set_that_diverges_from_the_start_advises_a_smaller_distill_lr(digits32):
     with pytest.raises(DistillError, match=r"--distill-lr 2500 --force"):
         Distiller(diverging(distill_lr=1e4), dataset=digits32, progress=False).run()
+
+
+def test_divergence_advice_names_only_options_the_method_has(digits32, tmp_path):
+    """DM learns no learning rates: its advice is a smaller --lr, never --distill-lr."""
+    config = DistillConfig.for_method("dm", lr=1e9, iterations=5, eval_every=0, checkpoint_every=1,
+                                      images_per_class=1, batch_size=16, field_epochs=1)
+    with pytest.raises(DistillError, match="diverged") as caught:
+        Distiller(config, dataset=digits32, progress=False).run(checkpoint_path=tmp_path / "c.npz")
+    assert "--lr" in str(caught.value) and "--distill-lr" not in str(caught.value)

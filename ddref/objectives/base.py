@@ -26,6 +26,7 @@ class Objective:
     optimiser = "adam"           # the outer optimiser: 'adam' (config lr, betas) or 'sgd'
     sgd_momentum = 0.5           # with optimiser 'sgd'
     chance_loss = None           # a loss above ddref.loop.DIVERGENCE_FACTOR × this is divergence
+    start_option = "lr"          # the option to lower when the very first iterations diverge
 
     def __init__(self, config, dataset, rng, progress=True):
         self.config, self.dataset, self.rng, self.progress = config, dataset, rng, progress

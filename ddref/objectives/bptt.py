@@ -32,6 +32,7 @@ class Algorithm1(Objective):
     """The paper's objective: the loss of networks trained on (x̃, η̃) on real data."""
 
     name = "bptt"
+    start_option = "distill_lr"      # the initial η̃: a set that diverges at once needs a smaller one
 
     def __init__(self, config, dataset, rng, progress=True):
         super().__init__(config, dataset, rng, progress)
