@@ -148,14 +148,17 @@ def _timing(distiller):
 def _pool_rows(grid, cell, config, dataset, model, folder, progress):
     """A set learned by dc, dm or kip (``--method``) with the images per class of the setting's
     distilled set (steps × images per class), the papers' defaults, the setting's
-    ``pool_options``; judged by the field protocol and as 1-NN examples."""
+    ``pool_options`` (shared ones, then the method's own under its name); judged by the field
+    protocol and as 1-NN examples."""
     from ddref.distill import DistillConfig
 
     s = cell.setting
+    options = {k: v for k, v in s.pool_options.items() if k not in POOL_METHODS}
+    options.update(s.pool_options.get(cell.method, {}))      # this method's own, e.g. {"dm": {"lr": …}}
     pool_config = DistillConfig.for_method(
         cell.method, dataset=s.dataset, model=s.model, images_per_class=s.steps * s.images_per_class,
         seed=grid.seed, dtype=grid.dtype, eval_every=0, eval_inits=grid.field_nets,
-        field_epochs=grid.field_epochs, **s.pool_options)
+        field_epochs=grid.field_epochs, **options)
     distiller = _resumed(folder / "checkpoint.npz", pool_config, dataset, progress)
     distilled = distiller.distilled_set()
     distilled.save(folder / "distilled.npz")
