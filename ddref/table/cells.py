@@ -26,7 +26,7 @@ import numpy as np
 from ddref import baselines, data, nn, protocol
 from ddref.evaluate import Accuracy, accuracies_on, accuracy_on, held_out_inits, train_full
 from ddref.saved import write_atomically
-from ddref.table.grids import distill_config
+from ddref.table.grids import POOL_METHODS, distill_config
 
 
 def evaluation_inits(config, dataset, model, n):
@@ -44,7 +44,7 @@ def evaluation_inits(config, dataset, model, n):
 # matter only with the field protocol)
 ADDED_GRID_OPTIONS = {"protocols": ("paper",), "field_nets": None, "field_epochs": None,
                       "tune_images": 0}
-ADDED_SETTING_OPTIONS = {"tag": ""}
+ADDED_SETTING_OPTIONS = {"tag": "", "pool_options": {}}
 
 
 def cell_settings(grid, cell):
@@ -112,8 +112,8 @@ def run_cell(grid, cell, out, progress=False):
     dataset = data.load(config.dataset, dtype=config.dtype)
     model = nn.build_model(config.model, dataset.image_shape, dataset.num_classes)
     start = time.perf_counter()
-    compute = _distilled_rows if cell.method == "distilled" else (
-        _full_data_rows if cell.method == "full_data" else _baseline_rows)
+    compute = {"distilled": _distilled_rows, "full_data": _full_data_rows,
+               **{m: _pool_rows for m in POOL_METHODS}}.get(cell.method, _baseline_rows)
     rows = compute(grid, cell, config, dataset, model, folder, progress)
     result = {"settings": cell_settings(grid, cell), "rows": rows,
               "seconds": round(time.perf_counter() - start, 2)}
@@ -126,24 +126,59 @@ def _row(accuracy: Accuracy, **extra):
 
 
 def _distilled_rows(grid, cell, config, dataset, model, folder, progress):
-    from ddref.distill import Distiller
-
-    checkpoint = folder / "checkpoint.npz"
-    distiller = None
-    if checkpoint.exists():   # a killed cell continues where its last checkpoint left it
-        distiller = Distiller.from_checkpoint(checkpoint, dataset, progress=progress)
-        if distiller.config.to_dict() != config.to_dict():
-            distiller = None
-    distiller = (distiller or Distiller(config, dataset, progress=progress)).run(checkpoint_path=checkpoint)
+    distiller = _resumed(folder / "checkpoint.npz", config, dataset, progress)
     distilled = distiller.distilled_set()
     distilled.save(folder / "distilled.npz")
     nn_accuracy = baselines.nearest_neighbour_accuracy(distilled.images, distilled.labels,
                                                        dataset.x_test, dataset.y_test)
-    rows = {"distilled": _row(distiller.accuracy(n_inits=grid.n_draws)),
+    rows = {"distilled": _row(distiller.accuracy(n_inits=grid.n_draws), **_timing(distiller)),
             "knn_distilled": _row(Accuracy.of([nn_accuracy]))}
     if "field" in grid.protocols:
-        rows["field_distilled"] = field_row(grid, model, dataset, [distilled.images], distilled.labels)
+        rows["field_distilled"] = {**field_row(grid, model, dataset, [distilled.images],
+                                               distilled.labels), **_timing(distiller)}
     return rows
+
+
+def _timing(distiller):
+    """Outer iterations and seconds per iteration of a finished distillation."""
+    return {"iterations": distiller.iteration,
+            "seconds_per_iteration": distiller.history.seconds / max(distiller.iteration, 1)}
+
+
+def _pool_rows(grid, cell, config, dataset, model, folder, progress):
+    """A set learned by dc, dm or kip (``--method``) with the images per class of the setting's
+    distilled set (steps × images per class), the papers' defaults, the setting's
+    ``pool_options`` (shared ones, then the method's own under its name); judged by the field
+    protocol and as 1-NN examples."""
+    from ddref.distill import DistillConfig
+
+    s = cell.setting
+    options = {k: v for k, v in s.pool_options.items() if k not in POOL_METHODS}
+    options.update(s.pool_options.get(cell.method, {}))      # this method's own, e.g. {"dm": {"lr": …}}
+    pool_config = DistillConfig.for_method(
+        cell.method, dataset=s.dataset, model=s.model, images_per_class=s.steps * s.images_per_class,
+        seed=grid.seed, dtype=grid.dtype, eval_every=0, eval_inits=grid.field_nets,
+        field_epochs=grid.field_epochs, **options)
+    distiller = _resumed(folder / "checkpoint.npz", pool_config, dataset, progress)
+    distilled = distiller.distilled_set()
+    distilled.save(folder / "distilled.npz")
+    nn_accuracy = baselines.nearest_neighbour_accuracy(distilled.images, distilled.labels,
+                                                       dataset.x_test, dataset.y_test)
+    return {f"field_{cell.method}": {**field_row(grid, model, dataset, [distilled.images],
+                                                 distilled.labels), **_timing(distiller)},
+            f"knn_{cell.method}": _row(Accuracy.of([nn_accuracy]))}
+
+
+def _resumed(checkpoint, config, dataset, progress):
+    """The distillation of ``config`` run to its end, continuing a killed cell's checkpoint."""
+    from ddref.distill import Distiller
+
+    distiller = None
+    if checkpoint.exists():
+        distiller = Distiller.from_checkpoint(checkpoint, dataset, progress=progress)
+        if distiller.config.to_dict() != config.to_dict():
+            distiller = None
+    return (distiller or Distiller(config, dataset, progress=progress)).run(checkpoint_path=checkpoint)
 
 
 def _baseline_rows(grid, cell, config, dataset, model, folder, progress):

@@ -17,7 +17,7 @@ import numpy as np
 import ddref
 from ddref.saved import write_atomically
 from ddref.table.cells import stored_result, write_json_atomic
-from ddref.table.grids import LABELS, METHODS, TRAINING_METHODS, _n_images
+from ddref.table.grids import LABELS, METHODS, POOL_METHODS, TRAINING_METHODS, _n_images
 
 
 def collect(grid, out):
@@ -77,7 +77,8 @@ def _find(rows, setting, init, method, kind):
 def row_groups(grid):
     """(kind, methods, label suffix) of the table's rows, in order: the paper's protocol, 1-NN,
     then the field's protocol when the grid has it."""
-    groups = [("training", METHODS, ""), ("nearest_neighbour", TRAINING_METHODS, " (1-NN)")]
+    paper = [m for m in METHODS if m not in POOL_METHODS]      # pools have no paper's protocol
+    groups = [("training", paper, ""), ("nearest_neighbour", TRAINING_METHODS, " (1-NN)")]
     if "field" in grid.protocols:
         groups.append(("field", TRAINING_METHODS, " (field protocol)"))
     return [(kind, [m for m in methods if m in grid.methods], suffix)
@@ -133,6 +134,7 @@ def markdown(grid, rows, missing=()):
                         notes.append((i, init, _reference(kind), f"{label} {_fmt(row)}", _fmt(distilled)))
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += _timing_lines(grid, rows, s)
     if notes:
         lines += ["† Where the distilled set does not beat a baseline:", ""]
         in_grid_order = sorted(dict.fromkeys((n[0], n[1], n[2], n[4]) for n in notes),
@@ -153,6 +155,18 @@ def markdown(grid, rows, missing=()):
     lines += ["Each cell: `ddref table --grid " + grid.name + " --only CELL` (see `command` in "
               "`table.json`).", ""]
     return "\n".join(lines)
+
+
+def _timing_lines(grid, rows, setting):
+    """How long each learned set took: seconds per outer iteration and in all, per cell."""
+    timed = [r for r in rows if "seconds_per_iteration" in r and r["kind"] != "training"
+             and r["cell"].startswith(setting.label + "-")]
+    if not timed:
+        return []
+    parts = [f"{LABELS[r['method']]} ({r['init']}): {r['seconds_per_iteration']:.3g} s × "
+             f"{r['iterations']} iterations, {r['seconds']:.0f} s for the cell"
+             for r in sorted(timed, key=lambda r: (TRAINING_METHODS.index(r["method"]), r["init"]))]
+    return ["Time to the final set — " + "; ".join(parts) + ".", ""]
 
 
 def figure(grid, rows, path):
