@@ -166,14 +166,13 @@ def _block(text):
     return text[start: end + len(table.README_END)]
 
 
-def test_the_readme_results_are_the_committed_table_not_typed():
+def test_the_readme_results_are_the_committed_tables_not_typed():
     """README.md's results block is exactly what `python -m ddref.table --readme` makes from
-    the committed results/table.md: a hand edit of either fails here."""
-    results = ROOT / "results"
-    command = json.loads((results / "table.json").read_text())["command"]
-    expected = table.readme_section((results / "table.md").read_text(), command)
+    the committed grids' table.json: a hand edit of either fails here."""
+    tables = table.committed_tables(ROOT / "results")
+    assert [t["grid"] for _, t in tables] == ["readme", "fashion", "methods"]
+    expected = table.headline_section(tables, ROOT)
     assert _block((ROOT / "README.md").read_text()) == expected
-    assert command == "ddref table --grid readme"
 
 
 @pytest.fixture
@@ -183,9 +182,10 @@ def small_results(tmp_path):
     results.mkdir()
     grid = table.Grid("readme", SMALL.settings, inits=("fixed",), notes=("fewer iterations.",))
     rows = [{"dataset": "digits", "model": "mlp", "init": "fixed", "method": "distilled",
-             "kind": "training", "mean": 0.9, "std": 0.0, "n": 1}]
+             "kind": "training", "mean": 0.9, "std": 0.0, "n": 1, "n_images": 20}]
     (results / "table.md").write_text(table.markdown(grid, rows))
-    (results / "table.json").write_text(json.dumps({"command": "ddref table --grid readme"}))
+    (results / "table.json").write_text(json.dumps({"command": "ddref table --grid readme",
+                                                    "grid": "readme", "rows": rows}))
     return results
 
 
@@ -197,11 +197,8 @@ def test_the_readme_block_is_rewritten_between_its_markers_only(tmp_path, small_
     text = readme.read_text()
     assert text.startswith(before) and text.endswith(after) and "typed by hand" not in text
     block = _block(text)
-    assert "Made by `ddref table --grid readme`" in block
-    assert "\n### digits / mlp: 2 steps × 1 epochs" in block and "\n# Results" not in block
-    assert "- fewer iterations." in block            # the grid's departures are in the notes
-    assert "| distilled | 90.0 |" in block
-    assert "](results/table.png)" in block
+    assert "| digits / mlp, 20 | **90.0** | — |" in block       # the paper's protocol, fixed θ0
+    assert "[`--grid readme`](results/table.md)" in block and "\n# Results" not in block
     assert main_readme(readme, small_results) == 0 and readme.read_text() == text   # idempotent
 
 

@@ -61,8 +61,9 @@ from ddref.table.cells import (  # noqa: F401
 from ddref.table.report import collect, figure, grid_command, markdown, write_outputs  # noqa: F401
 from ddref.table.run import check_out, expected_cost, run_grid, select, worker_count  # noqa: F401
 from ddref.table.readme import (  # noqa: F401
-    README_END, README_START, main, readme_section, replace_readme_section, update_readme,
+    README_END, README_START, committed_tables, headline_section, main, replace_readme_section,
+    update_readme,
 )
 
 __all__ = ["GRIDS", "Grid", "Setting", "Cell", "METHODS", "run_grid", "run_cell", "write_outputs",
-           "markdown", "collect", "readme_section", "update_readme"]
+           "markdown", "collect", "headline_section", "update_readme"]
