@@ -164,6 +164,10 @@ GRIDS = {
         "image per class (chapter 11).",
         "The MLP (64/784-128-10) throughout: LeNet and convnet3 do not fit every method into the "
         "CPU budget here; KIP's kernel is the infinite-width fully connected ReLU network's.",
+        "The papers: distilled = Algorithm 1 of Wang, Zhu, Torralba & Efros, Dataset Distillation "
+        "(2018); DC = Zhao, Mopuri & Bilen, Dataset Condensation with Gradient Matching (ICLR "
+        "2021); DM = Zhao & Bilen, Dataset Condensation with Distribution Matching (WACV 2023); "
+        "KIP = Nguyen, Chen & Lee, Dataset Meta-Learning from Kernel Ridge-Regression (ICLR 2021).",
     )),
 }
 
