@@ -6,7 +6,8 @@
 # × 300 epochs on the set as a pool).  The grid is GRIDS["fashion"] in ddref/table/grids.py.
 # Needs fashion-mnist (`ddref datasets`: Debian's dataset-fashion-mnist, $DDREF_DATA, or
 # `ddref download fashion-mnist`).
-# Expected wall time: about 45 minutes on 2 shared cores with --jobs 2 (each cell's seconds are
+# Expected wall time: 23 minutes measured on 2 shared cores with --jobs 2 (plan for up to 45
+# when other work loads the machine; each cell's seconds are
 # in results/fashion/table.json); a rerun computes only the cells missing from
 # results/fashion/cells.          Usage: bash benchmarks/fashion_grid.sh [JOBS]
 set -euo pipefail
