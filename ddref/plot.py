@@ -78,10 +78,16 @@ def plot_distilled(distilled, class_names=None, title=None, path=None):
                          f"but there are {len(names)} class names (classes 0..{len(names) - 1}); "
                          f"the set is damaged — make it again with `ddref distill`.")
     col_labels = [names[int(c)] for c in distilled.labels]
-    row_labels = [f"step {s + 1}\nη̃ " + ", ".join(f"{lr:.3f}" for lr in distilled.lrs[:, s])
-                  for s in range(steps)]
-    if title is None:
-        cfg = distilled.config
+    cfg = distilled.config
+    method = cfg.get("method", "bptt")
+    pool = method != "bptt"       # dc, dm, kip: an unordered pool, no steps and no learned rates
+    row_labels = (["pool"] if pool else
+                  [f"step {s + 1}\nη̃ " + ", ".join(f"{lr:.3f}" for lr in distilled.lrs[:, s])
+                   for s in range(steps)])
+    if title is None and pool:
+        title = (f"{cfg.get('dataset', '?')} / {cfg.get('model', '?')}, {method}: "
+                 f"{distilled.images.shape[1]} images, an unordered pool")
+    elif title is None:
         title = (f"{cfg.get('dataset', '?')} / {cfg.get('model', '?')}, {cfg.get('init', '?')} init: "
                  f"{distilled.images.shape[0] * distilled.images.shape[1]} distilled images, "
                  f"{distilled.lrs.shape[0]} epoch{'' if distilled.lrs.shape[0] == 1 else 's'} "

@@ -195,3 +195,20 @@ def test_the_width_of_convnet3_reaches_the_model(digits):
     run = Distiller(small("dm", model="convnet3", width=6, iterations=1), dataset=digits, progress=False)
     assert run.model.init.shapes["c1w"] == (6, 1, 3, 3)
     run.step()
+
+
+def test_a_pool_set_is_drawn_as_a_pool_without_learned_rates(tmp_path):
+    """dc, dm and kip learn no steps and no η̃: the picture says 'pool', not 'step 1 η̃ 0.010'."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ddref import plot
+    from ddref.distill import DistillConfig, Distiller
+
+    config = DistillConfig.for_method("dm", iterations=2, eval_every=0, images_per_class=2,
+                                      batch_size=16, field_epochs=1)
+    distilled = Distiller(config, progress=False).run().distilled_set()
+    fig = plot.plot_distilled(distilled)
+    texts = [t.get_text() for ax in fig.axes for t in (ax.texts + [ax.title, ax.yaxis.label])]
+    texts.append(fig._suptitle.get_text() if fig._suptitle else "")
+    assert not any("η̃" in t for t in texts) and any("unordered pool" in t for t in texts)
