@@ -62,3 +62,22 @@ def rel_err():
 @pytest.fixture
 def central_fd():
     return _central_fd
+
+
+def _random_directions_check(loss, g, x, rng, tol, eps=1e-5, tries=4, at_least=2):
+    """⟨g, v⟩ against a central difference of ``loss`` along random directions v; a direction
+    whose step crosses a ReLU switch is skipped, and at least ``at_least`` must be checked."""
+    checked = 0
+    for _ in range(tries):
+        v = rng.normal(size=x.shape)
+        fd = _central_fd(lambda t: loss(x + t * v), eps=eps)
+        if fd is None:                                    # the step crossed a ReLU switch
+            continue
+        assert _rel_err(np.sum(g * v), fd) < tol
+        checked += 1
+    assert checked >= at_least
+
+
+@pytest.fixture
+def directional_check():
+    return _random_directions_check
