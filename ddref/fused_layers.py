@@ -271,7 +271,9 @@ class ConvReluPool:
         grads = {self.w: _conv_weight(matmul(g_z, anp.transpose(cols)), w.shape),
                  self.b: anp.sum(g_z, axis=1)}
         g_h = None
-        if need_input_grad:
+        if need_input_grad and kernels.host_conv_input_grad(w, g_z):  # large batch, host
+            g_h = kernels.conv_input_grad(w, g_z, h_shape, self.pad)
+        elif need_input_grad:
             g_cols = matmul(anp.transpose(_conv_matrix(w)), g_z)
             g_h = patches_cnhw_adjoint(g_cols, h_shape, *w.shape[2:], self.pad)
         return g_h, grads

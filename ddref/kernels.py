@@ -90,6 +90,44 @@ def patches_cnhw_adjoint(cols, x_shape, kh, kw, pad=0):
     return out[:, :, pad: pad + h, pad: pad + w] if pad else out
 
 
+# A batch at least this large (columns N·Ho·Wo of the patch matrix) takes the host's
+# offset-by-offset input gradient (:func:`conv_input_grad`); below it one GEMM is faster.
+_WIDE_COLUMNS = 32768
+
+
+def host_conv_input_grad(*values):
+    """True when :func:`conv_input_grad` should be used: the numpy backend, no autograd
+    tracing, and a batch large enough for it to pay."""
+    g_z = values[-1]
+    return (_on_host() and all(getval(v) is v for v in values)
+            and g_z.shape[-1] >= _WIDE_COLUMNS)
+
+
+def conv_input_grad(w, g_z, x_shape, pad=0):
+    """∂ℓ/∂x (C, N, H, W) of a stride-1 convolution from ∂ℓ/∂z (O, N·Ho·Wo) and its weight w
+    (O, C, kh, kw), on the host, untraced (see :func:`host_conv_input_grad`):
+
+        x[c, n, y, x] = Σ_{i,j} Σ_o w[o, c, i, j] g_z[o, (n, y+p−i, x+p−j)],
+
+    the same number as ``patches_cnhw_adjoint(W_matᵀ g_z, …)`` up to the order of the float
+    sums.  It is accumulated one kernel offset (i, j) at a time — a (C, O)·(O, N·Ho·Wo)
+    product added straight into its shifted window — so the (C·kh·kw, N·Ho·Wo) patch
+    gradient is never materialised: at a batch of 1,024 it does not fit in cache, and its
+    product with O = 16 rows is a slow, write-bound GEMM."""
+    o, c, kh, kw = w.shape
+    n, h, wd = x_shape[1:]
+    ho, wo = _out_size(h, wd, kh, kw, pad)
+    out = numpy.zeros((c, n, h + 2 * pad, wd + 2 * pad), dtype=numpy.result_type(w, g_z))
+    term = numpy.empty((c, n * ho * wo), dtype=out.dtype)
+    window = term.reshape(c, n, ho, wo)
+    taps = numpy.transpose(w, (2, 3, 1, 0))                              # (kh, kw, C, O) view
+    for i in range(kh):
+        for j in range(kw):
+            numpy.matmul(taps[i, j], g_z, out=term)
+            out[:, :, i: i + ho, j: j + wo] += window
+    return out[:, :, pad: pad + h, pad: pad + wd] if pad else out
+
+
 defvjp(patches_cnhw, lambda ans, x, kh, kw, pad=0: lambda g: patches_cnhw_adjoint(g, x.shape, kh, kw, pad))
 defvjp(patches_cnhw_adjoint, lambda ans, cols, x_shape, kh, kw, pad=0: lambda g: patches_cnhw(g, kh, kw, pad))
 

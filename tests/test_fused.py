@@ -269,6 +269,37 @@ def test_emulated_patch_kernels_agree_with_numpy(on_device, rng, rel_err, h, w, 
     assert rel_err(on_device(kernels.patches_cnhw_adjoint, y, x.shape, 5, 3, pad), back) < AGREE
 
 
+@pytest.mark.parametrize("h, w, pad", [(14, 14, 0), (9, 7, 2)])
+def test_offset_by_offset_input_grad_matches_patch_adjoint(monkeypatch, rng, rel_err, h, w, pad):
+    """The host's large-batch conv input gradient (one GEMM per kernel offset, added into its
+    window) is the adjoint of the patch matrix applied to Wᵀ g_z; ConvReluPool takes it
+    only on the host, untraced, from ``_WIDE_COLUMNS`` columns on."""
+    from ddref import kernels
+
+    wt = rng.normal(size=(4, 3, 5, 3))
+    x_shape = (3, 2, h, w)
+    ho, wo = h + 2 * pad - 4, w + 2 * pad - 2
+    g_z = rng.normal(size=(4, 2 * ho * wo))
+    expected = kernels.patches_cnhw_adjoint(wt.reshape(4, -1).T @ g_z, x_shape, 5, 3, pad)
+    assert rel_err(kernels.conv_input_grad(wt, g_z, x_shape, pad), expected) < AGREE
+    assert not kernels.host_conv_input_grad(wt, g_z)             # a small batch: one GEMM
+    monkeypatch.setattr(kernels, "_WIDE_COLUMNS", 1)
+    assert kernels.host_conv_input_grad(wt, g_z)
+    seen = []
+    grad(lambda v: seen.append(kernels.host_conv_input_grad(wt, v)) or np.sum(v * v))(g_z)
+    assert seen == [False]                                       # traced: the composite path
+    from ddref.fused_layers import ConvReluPool
+    params = {"w": wt, "b": rng.normal(size=4)}
+    x = rng.normal(size=x_shape)
+    conv = ConvReluPool("w", "b", pad)
+    out, cache = conv.forward(params, x)
+    g = rng.normal(size=out.shape)
+    wide = conv.backward(params, cache, g, True)
+    monkeypatch.setattr(kernels, "_WIDE_COLUMNS", 10 ** 12)
+    narrow = conv.backward(params, cache, g, True)
+    assert rel_err(wide[0], narrow[0]) < AGREE
+
+
 @pytest.mark.parametrize("ho, wo", [(10, 10), (9, 7)])
 def test_emulated_pool_kernels_agree_with_numpy(on_device, rng, rel_err, ho, wo):
     """relu(max-pool), its derivative (unpool, ties split evenly) and its tangent, with the
