@@ -271,7 +271,7 @@ class ConvReluPool:
         grads = {self.w: _conv_weight(matmul(g_z, anp.transpose(cols)), w.shape),
                  self.b: anp.sum(g_z, axis=1)}
         g_h = None
-        if need_input_grad and kernels.host_conv_input_grad(w, g_z):  # large batch, host
+        if need_input_grad and kernels.host_conv_input_grad(w, g_z):                   # host
             g_h = kernels.conv_input_grad(w, g_z, h_shape, self.pad)
         elif need_input_grad:
             g_cols = matmul(anp.transpose(_conv_matrix(w)), g_z)
@@ -291,7 +291,10 @@ class ConvReluPool:
             dw = dw + matmul(g_z, anp.transpose(cols_dot))
         dgrads = {self.w: _conv_weight(dw, w.shape), self.b: anp.sum(g_z_dot, axis=1)}
         g_h_dot = None
-        if need_input_grad:
+        if need_input_grad and kernels.host_conv_input_grad(w, w_dot, g_z, g_z_dot):   # host
+            g_h_dot = kernels.conv_input_grad(anp.concatenate([w, w_dot]), anp.concatenate([g_z_dot, g_z]),
+                                              h_shape, self.pad)
+        elif need_input_grad:
             g_cols_dot = (matmul(anp.transpose(_conv_matrix(w)), g_z_dot)
                           + matmul(anp.transpose(_conv_matrix(w_dot)), g_z))
             g_h_dot = patches_cnhw_adjoint(g_cols_dot, h_shape, *w.shape[2:], self.pad)

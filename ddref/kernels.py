@@ -116,17 +116,14 @@ def patches_cnhw_adjoint(cols, x_shape, kh, kw, pad=0):
     return out[:, :, pad: pad + h, pad: pad + w] if pad else out
 
 
-# A batch at least this large (columns N·Ho·Wo of the patch matrix) takes the host's
-# offset-by-offset input gradient (:func:`conv_input_grad`); below it one GEMM is faster.
+# From this many columns N·Ho·Wo of the patch matrix on, :func:`conv_input_grad` goes one
+# kernel offset at a time; below it, one GEMM over "wide" rows.
 _WIDE_COLUMNS = 32768
 
 
 def host_conv_input_grad(*values):
-    """True when :func:`conv_input_grad` should be used: the numpy backend, no autograd
-    tracing, and a batch large enough for it to pay."""
-    g_z = values[-1]
-    return (_on_host() and all(getval(v) is v for v in values)
-            and g_z.shape[-1] >= _WIDE_COLUMNS)
+    """True when :func:`conv_input_grad` should be used: the numpy backend, no autograd tracing."""
+    return _on_host() and all(getval(v) is v for v in values)
 
 
 def conv_input_grad(w, g_z, x_shape, pad=0):
@@ -136,21 +133,41 @@ def conv_input_grad(w, g_z, x_shape, pad=0):
         x[c, n, y, x] = Σ_{i,j} Σ_o w[o, c, i, j] g_z[o, (n, y+p−i, x+p−j)],
 
     the same number as ``patches_cnhw_adjoint(W_matᵀ g_z, …)`` up to the order of the float
-    sums.  It is accumulated one kernel offset (i, j) at a time — a (C, O)·(O, N·Ho·Wo)
-    product added straight into its shifted window — so the (C·kh·kw, N·Ho·Wo) patch
-    gradient is never materialised: at a batch of 1,024 it does not fit in cache, and its
-    product with O = 16 rows is a slow, write-bound GEMM."""
+    sums (a sum of two such terms is one call with w and g_z stacked along O).  numpy's cost
+    here is its short inner loops (one image row of Wo entries per add), so:
+
+    * a large batch (≥ ``_WIDE_COLUMNS`` columns) is accumulated one kernel offset (i, j) at
+      a time — a (C, O)·(O, N·Ho·Wo) product added straight into its shifted window — and the
+      (C·kh·kw, N·Ho·Wo) patch gradient, which would not fit in cache, is never materialised;
+    * a small batch pads each row of g_z with zeros to the padded input's row length Wp, so
+      that the patch gradient Wᵀ g_z comes out "wide": offset (i, j) of image n is then one
+      contiguous run of (Ho − 1)·Wp + Wo entries added at i·Wp + j of the flat padded image
+      (the padding columns carry exact zeros)."""
     o, c, kh, kw = w.shape
     n, h, wd = x_shape[1:]
+    hp, wp = h + 2 * pad, wd + 2 * pad
     ho, wo = _out_size(h, wd, kh, kw, pad)
-    out = numpy.zeros((c, n, h + 2 * pad, wd + 2 * pad), dtype=numpy.result_type(w, g_z))
-    term = numpy.empty((c, n * ho * wo), dtype=out.dtype)
-    window = term.reshape(c, n, ho, wo)
-    taps = numpy.transpose(w, (2, 3, 1, 0))                              # (kh, kw, C, O) view
-    for i in range(kh):
-        for j in range(kw):
-            numpy.matmul(taps[i, j], g_z, out=term)
-            out[:, :, i: i + ho, j: j + wo] += window
+    dtype = numpy.result_type(w, g_z)
+    if g_z.shape[1] >= _WIDE_COLUMNS:
+        out = numpy.zeros((c, n, hp, wp), dtype=dtype)
+        term = numpy.empty((c, n * ho * wo), dtype=dtype)
+        window = term.reshape(c, n, ho, wo)
+        taps = numpy.transpose(w, (2, 3, 1, 0))                          # (kh, kw, C, O) view
+        for i in range(kh):
+            for j in range(kw):
+                numpy.matmul(taps[i, j], g_z, out=term)
+                out[:, :, i: i + ho, j: j + wo] += window
+    else:
+        g_wide = numpy.zeros((o, n, ho, wp), dtype=g_z.dtype)
+        g_wide[..., :wo] = numpy.reshape(g_z, (o, n, ho, wo))
+        cols = numpy.reshape(numpy.reshape(w, (o, -1)).T @ numpy.reshape(g_wide, (o, -1)),
+                             (c, kh, kw, n, ho * wp))
+        run = (ho - 1) * wp + wo                                          # first to last entry
+        flat = numpy.zeros((c, n, hp * wp), dtype=dtype)
+        for i in range(kh):
+            for j in range(kw):
+                flat[:, :, i * wp + j: i * wp + j + run] += cols[:, i, j, :, :run]
+        out = numpy.reshape(flat, (c, n, hp, wp))
     return out[:, :, pad: pad + h, pad: pad + wd] if pad else out
 
 

@@ -270,34 +270,42 @@ def test_emulated_patch_kernels_agree_with_numpy(on_device, rng, rel_err, h, w, 
 
 
 @pytest.mark.parametrize("h, w, pad", [(14, 14, 0), (9, 7, 2)])
-def test_offset_by_offset_input_grad_matches_patch_adjoint(monkeypatch, rng, rel_err, h, w, pad):
-    """The host's large-batch conv input gradient (one GEMM per kernel offset, added into its
-    window) is the adjoint of the patch matrix applied to Wᵀ g_z; ConvReluPool takes it
-    only on the host, untraced, from ``_WIDE_COLUMNS`` columns on."""
+@pytest.mark.parametrize("columns", [1, 10 ** 12])                 # offset by offset / wide rows
+def test_host_conv_input_grad_matches_patch_adjoint(monkeypatch, rng, rel_err, h, w, pad, columns):
+    """The host's conv input gradient (large batch: one GEMM per kernel offset added into its
+    window; small batch: one GEMM over zero-padded "wide" rows, contiguous runs added) is the
+    adjoint of the patch matrix applied to Wᵀ g_z, also for two stacked terms, and
+    ConvReluPool's backward and backward_tangent give the composite path's numbers with it."""
     from ddref import kernels
+    from ddref.fused_layers import ConvReluPool
 
-    wt = rng.normal(size=(4, 3, 5, 3))
+    monkeypatch.setattr(kernels, "_WIDE_COLUMNS", columns)
+    wt, wt_dot = rng.normal(size=(4, 3, 5, 3)), rng.normal(size=(4, 3, 5, 3))
     x_shape = (3, 2, h, w)
     ho, wo = h + 2 * pad - 4, w + 2 * pad - 2
-    g_z = rng.normal(size=(4, 2 * ho * wo))
+    g_z, g_z_dot = rng.normal(size=(4, 2 * ho * wo)), rng.normal(size=(4, 2 * ho * wo))
     expected = kernels.patches_cnhw_adjoint(wt.reshape(4, -1).T @ g_z, x_shape, 5, 3, pad)
     assert rel_err(kernels.conv_input_grad(wt, g_z, x_shape, pad), expected) < AGREE
-    assert not kernels.host_conv_input_grad(wt, g_z)             # a small batch: one GEMM
-    monkeypatch.setattr(kernels, "_WIDE_COLUMNS", 1)
+    pair = kernels.patches_cnhw_adjoint(wt.reshape(4, -1).T @ g_z + wt_dot.reshape(4, -1).T @ g_z_dot,
+                                        x_shape, 5, 3, pad)
+    stacked = kernels.conv_input_grad(np.concatenate([wt, wt_dot]), np.concatenate([g_z, g_z_dot]), x_shape, pad)
+    assert rel_err(stacked, pair) < AGREE
     assert kernels.host_conv_input_grad(wt, g_z)
     seen = []
     grad(lambda v: seen.append(kernels.host_conv_input_grad(wt, v)) or np.sum(v * v))(g_z)
     assert seen == [False]                                       # traced: the composite path
-    from ddref.fused_layers import ConvReluPool
-    params = {"w": wt, "b": rng.normal(size=4)}
-    x = rng.normal(size=x_shape)
+
+    params, dparams = {"w": wt, "b": rng.normal(size=4)}, {"w": wt_dot, "b": rng.normal(size=4)}
+    x, x_dot = rng.normal(size=x_shape), rng.normal(size=x_shape)
     conv = ConvReluPool("w", "b", pad)
     out, cache = conv.forward(params, x)
-    g = rng.normal(size=out.shape)
-    wide = conv.backward(params, cache, g, True)
-    monkeypatch.setattr(kernels, "_WIDE_COLUMNS", 10 ** 12)
-    narrow = conv.backward(params, cache, g, True)
-    assert rel_err(wide[0], narrow[0]) < AGREE
+    g, g_dot = rng.normal(size=out.shape), rng.normal(size=out.shape)
+    _, tcache = conv.tangent(params, dparams, cache, x_dot)
+    host = conv.backward(params, cache, g, True), conv.backward_tangent(params, dparams, cache, tcache, g, g_dot, True)
+    monkeypatch.setattr(kernels, "host_conv_input_grad", lambda *values: False)
+    plain = conv.backward(params, cache, g, True), conv.backward_tangent(params, dparams, cache, tcache, g, g_dot, True)
+    assert rel_err(host[0][0], plain[0][0]) < AGREE
+    assert rel_err(host[1][0], plain[1][0]) < AGREE and rel_err(host[1][1], plain[1][1]) < AGREE
 
 
 @pytest.mark.parametrize("ho, wo", [(10, 10), (9, 7)])
