@@ -20,6 +20,8 @@ Shapes (channel-major, as :mod:`ddref.fused_layers` uses them):
 ``patches_cnhw``           x (C, N, H, W) → P (C·kh·kw, N·Ho·Wo),
                            P[(c, i, j), (n, y, x)] = x_pad[c, n, y + i, x + j]
 ``patches_cnhw_adjoint``   P → x (C, N, H, W):  x[c, n, y, x] = Σ_{i,j} P[(c, i, j), (n, y+p−i, x+p−j)]
+``conv_input_grad``        host only, untraced: patches_cnhw_adjoint(W_matᵀ g_z) without the
+                           patch-gradient matrix (offset by offset, or over "wide" rows)
 ``pool_relu``              z (O, N·Ho·Wo) → relu(max over each 2×2 window) (O, N, Ho/2, Wo/2)
 ``unpool``                 its derivative: each window's gradient to its maxima (ties split)
 ``pool_tangent``           the adjoint of ``unpool``: Σ over the window of ż · route
@@ -49,7 +51,8 @@ def keep_freed_buffers():
     import os
     import sys
 
-    if not sys.platform.startswith("linux") or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
+    users = {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ)
+    if not sys.platform.startswith("linux") or users:
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

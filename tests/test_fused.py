@@ -288,7 +288,8 @@ def test_host_conv_input_grad_matches_patch_adjoint(monkeypatch, rng, rel_err, h
     assert rel_err(kernels.conv_input_grad(wt, g_z, x_shape, pad), expected) < AGREE
     pair = kernels.patches_cnhw_adjoint(wt.reshape(4, -1).T @ g_z + wt_dot.reshape(4, -1).T @ g_z_dot,
                                         x_shape, 5, 3, pad)
-    stacked = kernels.conv_input_grad(np.concatenate([wt, wt_dot]), np.concatenate([g_z, g_z_dot]), x_shape, pad)
+    stacked = kernels.conv_input_grad(np.concatenate([wt, wt_dot]), np.concatenate([g_z, g_z_dot]),
+                                      x_shape, pad)
     assert rel_err(stacked, pair) < AGREE
     assert kernels.host_conv_input_grad(wt, g_z)
     seen = []
