@@ -20,6 +20,8 @@ Shapes (channel-major, as :mod:`ddref.fused_layers` uses them):
 ``patches_cnhw``           x (C, N, H, W) → P (C·kh·kw, N·Ho·Wo),
                            P[(c, i, j), (n, y, x)] = x_pad[c, n, y + i, x + j]
 ``patches_cnhw_adjoint``   P → x (C, N, H, W):  x[c, n, y, x] = Σ_{i,j} P[(c, i, j), (n, y+p−i, x+p−j)]
+``conv_input_grad``        host only, untraced: patches_cnhw_adjoint(W_matᵀ g_z) without the
+                           patch-gradient matrix (offset by offset, or over "wide" rows)
 ``pool_relu``              z (O, N·Ho·Wo) → relu(max over each 2×2 window) (O, N, Ho/2, Wo/2)
 ``unpool``                 its derivative: each window's gradient to its maxima (ties split)
 ``pool_tangent``           the adjoint of ``unpool``: Σ over the window of ż · route
@@ -34,6 +36,33 @@ from autograd.extend import defvjp, primitive
 from autograd.tracer import getval
 
 from ddref import backend, cuda_kernels
+
+
+def keep_freed_buffers():
+    """Let glibc's ``malloc`` keep freed large buffers for reuse instead of handing them back
+    to the kernel.  By default every array above its (adaptive) mmap threshold is a fresh
+    mmap, and its first touch costs one page fault per 4 KiB page: a 600 KB temporary of
+    an inner step spends longer faulting in than in the GEMM that fills it (a caching
+    allocator, as in PyTorch, avoids the same cost).  Sets the mmap threshold to its largest
+    value (32 MiB) and the trim threshold to 1 GiB — a property of the process, not of the
+    numbers.  Does nothing off glibc, or when the user set MALLOC_MMAP_THRESHOLD_ /
+    MALLOC_TRIM_THRESHOLD_ (theirs win).  Returns True when both settings took."""
+    import ctypes
+    import os
+    import sys
+
+    users = {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ)
+    if not sys.platform.startswith("linux") or users:
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3                      # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 32 * 2 ** 20)) and bool(mallopt(m_trim_threshold, 2 ** 30))
+
+
+keep_freed_buffers()
 
 
 def _out_size(h, w, kh, kw, pad):
@@ -88,6 +117,61 @@ def patches_cnhw_adjoint(cols, x_shape, kh, kw, pad=0):
         for j in range(kw):
             out[:, :, i: i + ho, j: j + wo] += cols[:, i, j]
     return out[:, :, pad: pad + h, pad: pad + w] if pad else out
+
+
+# From this many columns N·Ho·Wo of the patch matrix on, :func:`conv_input_grad` goes one
+# kernel offset at a time; below it, one GEMM over "wide" rows.
+_WIDE_COLUMNS = 32768
+
+
+def host_conv_input_grad(*values):
+    """True when :func:`conv_input_grad` should be used: the numpy backend, no autograd tracing."""
+    return _on_host() and all(getval(v) is v for v in values)
+
+
+def conv_input_grad(w, g_z, x_shape, pad=0):
+    """∂ℓ/∂x (C, N, H, W) of a stride-1 convolution from ∂ℓ/∂z (O, N·Ho·Wo) and its weight w
+    (O, C, kh, kw), on the host, untraced (see :func:`host_conv_input_grad`):
+
+        x[c, n, y, x] = Σ_{i,j} Σ_o w[o, c, i, j] g_z[o, (n, y+p−i, x+p−j)],
+
+    the same number as ``patches_cnhw_adjoint(W_matᵀ g_z, …)`` up to the order of the float
+    sums (a sum of two such terms is one call with w and g_z stacked along O).  numpy's cost
+    here is its short inner loops (one image row of Wo entries per add), so:
+
+    * a large batch (≥ ``_WIDE_COLUMNS`` columns) is accumulated one kernel offset (i, j) at
+      a time — a (C, O)·(O, N·Ho·Wo) product added straight into its shifted window — and the
+      (C·kh·kw, N·Ho·Wo) patch gradient, which would not fit in cache, is never materialised;
+    * a small batch pads each row of g_z with zeros to the padded input's row length Wp, so
+      that the patch gradient Wᵀ g_z comes out "wide": offset (i, j) of image n is then one
+      contiguous run of (Ho − 1)·Wp + Wo entries added at i·Wp + j of the flat padded image
+      (the padding columns carry exact zeros)."""
+    o, c, kh, kw = w.shape
+    n, h, wd = x_shape[1:]
+    hp, wp = h + 2 * pad, wd + 2 * pad
+    ho, wo = _out_size(h, wd, kh, kw, pad)
+    dtype = numpy.result_type(w, g_z)
+    if g_z.shape[1] >= _WIDE_COLUMNS:
+        out = numpy.zeros((c, n, hp, wp), dtype=dtype)
+        term = numpy.empty((c, n * ho * wo), dtype=dtype)
+        window = term.reshape(c, n, ho, wo)
+        taps = numpy.transpose(w, (2, 3, 1, 0))                          # (kh, kw, C, O) view
+        for i in range(kh):
+            for j in range(kw):
+                numpy.matmul(taps[i, j], g_z, out=term)
+                out[:, :, i: i + ho, j: j + wo] += window
+    else:
+        g_wide = numpy.zeros((o, n, ho, wp), dtype=g_z.dtype)
+        g_wide[..., :wo] = numpy.reshape(g_z, (o, n, ho, wo))
+        cols = numpy.reshape(numpy.reshape(w, (o, -1)).T @ numpy.reshape(g_wide, (o, -1)),
+                             (c, kh, kw, n, ho * wp))
+        run = (ho - 1) * wp + wo                                          # first to last entry
+        flat = numpy.zeros((c, n, hp * wp), dtype=dtype)
+        for i in range(kh):
+            for j in range(kw):
+                flat[:, :, i * wp + j: i * wp + j + run] += cols[:, i, j, :, :run]
+        out = numpy.reshape(flat, (c, n, hp, wp))
+    return out[:, :, pad: pad + h, pad: pad + wd] if pad else out
 
 
 defvjp(patches_cnhw, lambda ans, x, kh, kw, pad=0: lambda g: patches_cnhw_adjoint(g, x.shape, kh, kw, pad))

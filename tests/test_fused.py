@@ -269,6 +269,53 @@ def test_emulated_patch_kernels_agree_with_numpy(on_device, rng, rel_err, h, w, 
     assert rel_err(on_device(kernels.patches_cnhw_adjoint, y, x.shape, 5, 3, pad), back) < AGREE
 
 
+@pytest.mark.parametrize("h, w, pad", [(14, 14, 0), (9, 7, 2)])
+@pytest.mark.parametrize("columns", [1, 10 ** 12])                 # offset by offset / wide rows
+def test_host_conv_input_grad_matches_patch_adjoint(monkeypatch, rng, rel_err, h, w, pad, columns):
+    """The host's conv input gradient (large batch: one GEMM per kernel offset added into its
+    window; small batch: one GEMM over zero-padded "wide" rows, contiguous runs added) is the
+    adjoint of the patch matrix applied to Wᵀ g_z, also for two stacked terms, and
+    ConvReluPool's backward and backward_tangent give the composite path's numbers with it."""
+    from ddref import kernels
+    from ddref.fused_layers import ConvReluPool
+
+    monkeypatch.setattr(kernels, "_WIDE_COLUMNS", columns)
+    wt, wt_dot = rng.normal(size=(4, 3, 5, 3)), rng.normal(size=(4, 3, 5, 3))
+    x_shape = (3, 2, h, w)
+    ho, wo = h + 2 * pad - 4, w + 2 * pad - 2
+    g_z, g_z_dot = rng.normal(size=(4, 2 * ho * wo)), rng.normal(size=(4, 2 * ho * wo))
+    expected = kernels.patches_cnhw_adjoint(wt.reshape(4, -1).T @ g_z, x_shape, 5, 3, pad)
+    assert rel_err(kernels.conv_input_grad(wt, g_z, x_shape, pad), expected) < AGREE
+    pair = kernels.patches_cnhw_adjoint(wt.reshape(4, -1).T @ g_z + wt_dot.reshape(4, -1).T @ g_z_dot,
+                                        x_shape, 5, 3, pad)
+    stacked = kernels.conv_input_grad(np.concatenate([wt, wt_dot]), np.concatenate([g_z, g_z_dot]),
+                                      x_shape, pad)
+    assert rel_err(stacked, pair) < AGREE
+    assert kernels.host_conv_input_grad(wt, g_z)
+    seen = []
+    grad(lambda v: seen.append(kernels.host_conv_input_grad(wt, v)) or np.sum(v * v))(g_z)
+    assert seen == [False]                                       # traced: the composite path
+
+    params, dparams = {"w": wt, "b": rng.normal(size=4)}, {"w": wt_dot, "b": rng.normal(size=4)}
+    x, x_dot = rng.normal(size=x_shape), rng.normal(size=x_shape)
+    conv = ConvReluPool("w", "b", pad)
+    out, cache = conv.forward(params, x)
+    g, g_dot = rng.normal(size=out.shape), rng.normal(size=out.shape)
+    tcaches = [conv.tangent(params, dparams, cache, moving)[1] for moving in (x_dot, None)]
+
+    def passes():
+        return [conv.backward(params, cache, g, True)] + [
+            conv.backward_tangent(params, dparams, cache, tc, g, g_dot, True) for tc in tcaches]
+
+    host = passes()                                              # the stacked host path
+    monkeypatch.setattr(kernels, "host_conv_input_grad", lambda *values: False)
+    plain = passes()
+    for got, want in zip(host, plain):
+        for a, b in zip(got, want):
+            for key in (a.keys() if isinstance(a, dict) else [None]):
+                assert rel_err(a if key is None else a[key], b if key is None else b[key]) < AGREE
+
+
 @pytest.mark.parametrize("ho, wo", [(10, 10), (9, 7)])
 def test_emulated_pool_kernels_agree_with_numpy(on_device, rng, rel_err, ho, wo):
     """relu(max-pool), its derivative (unpool, ties split evenly) and its tangent, with the
@@ -357,3 +404,20 @@ def test_an_outer_iteration_has_few_device_operations_and_host_syncs():
     assert lenet["ops"] <= 20978 // 4 and lenet["syncs"] <= 2, lenet
     assert lenet["ops"] <= 4600 and mlp["ops"] <= 1850 and mlp["syncs"] <= 2, (lenet, mlp)
     assert lenet["uploads"] == mlp["uploads"] == 0
+
+
+def test_keep_freed_buffers_respects_the_users_malloc_settings(monkeypatch):
+    """glibc keeps freed large buffers (fewer page faults); a user's MALLOC_* setting wins."""
+    import sys
+
+    from ddref import kernels
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert kernels.keep_freed_buffers() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    if sys.platform.startswith("linux"):
+        import ctypes.util
+
+        if "libc" in (ctypes.util.find_library("c") or ""):
+            assert kernels.keep_freed_buffers() is True
