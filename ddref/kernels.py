@@ -38,33 +38,6 @@ from autograd.tracer import getval
 from ddref import backend, cuda_kernels
 
 
-def keep_freed_buffers():
-    """Let glibc's ``malloc`` keep freed large buffers for reuse instead of handing them back
-    to the kernel.  By default every array above its (adaptive) mmap threshold is a fresh
-    mmap, and its first touch costs one page fault per 4 KiB page: a 600 KB temporary of
-    an inner step spends longer faulting in than in the GEMM that fills it (a caching
-    allocator, as in PyTorch, avoids the same cost).  Sets the mmap threshold to its largest
-    value (32 MiB) and the trim threshold to 1 GiB — a property of the process, not of the
-    numbers.  Does nothing off glibc, or when the user set MALLOC_MMAP_THRESHOLD_ /
-    MALLOC_TRIM_THRESHOLD_ (theirs win).  Returns True when both settings took."""
-    import ctypes
-    import os
-    import sys
-
-    users = {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ)
-    if not sys.platform.startswith("linux") or users:
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3                      # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_threshold, 32 * 2 ** 20)) and bool(mallopt(m_trim_threshold, 2 ** 30))
-
-
-keep_freed_buffers()
-
-
 def _out_size(h, w, kh, kw, pad):
     return h + 2 * pad - kh + 1, w + 2 * pad - kw + 1
 

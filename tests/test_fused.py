@@ -404,20 +404,3 @@ def test_an_outer_iteration_has_few_device_operations_and_host_syncs():
     assert lenet["ops"] <= 20978 // 4 and lenet["syncs"] <= 2, lenet
     assert lenet["ops"] <= 4600 and mlp["ops"] <= 1850 and mlp["syncs"] <= 2, (lenet, mlp)
     assert lenet["uploads"] == mlp["uploads"] == 0
-
-
-def test_keep_freed_buffers_respects_the_users_malloc_settings(monkeypatch):
-    """glibc keeps freed large buffers (fewer page faults); a user's MALLOC_* setting wins."""
-    import sys
-
-    from ddref import kernels
-
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
-    assert kernels.keep_freed_buffers() is False
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    if sys.platform.startswith("linux"):
-        import ctypes.util
-
-        if "libc" in (ctypes.util.find_library("c") or ""):
-            assert kernels.keep_freed_buffers() is True
