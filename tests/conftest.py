@@ -81,3 +81,16 @@ def _random_directions_check(loss, g, x, rng, tol, eps=1e-5, tries=4, at_least=2
 @pytest.fixture
 def directional_check():
     return _random_directions_check
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """A data and pool cache shared by the tests of one module (pools are trained once)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def cache(shared_cache, monkeypatch):
+    """$DDREF_DATA pointing at the module's shared cache."""
+    monkeypatch.setenv("DDREF_DATA", str(shared_cache))
+    return shared_cache

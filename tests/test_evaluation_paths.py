@@ -13,17 +13,6 @@ from ddref.data import load
 from ddref.distill import distilled_labels
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture
-def cache(shared_cache, monkeypatch):
-    monkeypatch.setenv("DDREF_DATA", str(shared_cache))
-    return shared_cache
-
-
 def _percent(text, prefix):
     """The first 'NN.NN' percentage on the line of ``text`` that starts with ``prefix``."""
     line = next(line for line in text.splitlines() if line.strip().startswith(prefix))

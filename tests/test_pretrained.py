@@ -91,18 +91,6 @@ def small_spec(split="train", n_nets=2, **overrides):
     return PoolSpec(**values)
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture
-def cache(shared_cache, monkeypatch):
-    """$DDREF_DATA pointing at a cache the tests of this module share (pools are trained once)."""
-    monkeypatch.setenv("DDREF_DATA", str(shared_cache))
-    return shared_cache
-
-
 def test_same_command_same_bytes(tmp_path):
     a, _ = pretrained.get_pool(small_spec(), root=tmp_path / "a", progress=False)
     b, _ = pretrained.get_pool(small_spec(), root=tmp_path / "b", progress=False)
