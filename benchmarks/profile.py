@@ -167,14 +167,14 @@ def roofline_phases(n=1024, dtype="float32", seed=0):
     f = lambda *shape: rng.normal(size=shape).astype(dtype)
     size = np.dtype(dtype).itemsize
     nbytes = lambda *arrays: sum(a.size for a in arrays) * size
-    x1, w1, w2 = f(1, n, 28, 28), f(6, 25), f(16, 150)
-    c1 = kernels.patches_cnhw(x1, 5, 5, 2)                     # (25, n·784)
+    x1, w1, w2 = f(1, 28, 28, n), f(6, 25), f(16, 150)
+    c1 = kernels.patches_chwn(x1, 5, 5, 2)                     # (25, 784·n)
     z1 = w1 @ c1
-    s1 = (6, n, 28, 28)
+    s1 = (6, 28, 28, n)
     p1, route1 = kernels._pool(z1, s1)
-    c2 = kernels.patches_cnhw(p1.reshape(6, n, 14, 14), 5, 5, 0)   # (150, n·100)
+    c2 = kernels.patches_chwn(p1, 5, 5, 0)                     # (150, 100·n)
     z2 = w2 @ c2
-    s2 = (16, n, 10, 10)
+    s2 = (16, 10, 10, n)
     p2, route2 = kernels._pool(z2, s2)
     g2 = f(*p2.shape)
     gz2 = kernels.unpool(g2, route2, s2)
@@ -182,17 +182,17 @@ def roofline_phases(n=1024, dtype="float32", seed=0):
     gz1 = kernels.unpool(f(*p1.shape), route1, s1)
     hit_bytes = lambda z: z.size                              # one byte per entry
     return [
-        ("conv1 patches (25 × 1·n·28·28)", 0, nbytes(x1, c1), lambda: kernels.patches_cnhw(x1, 5, 5, 2)),
+        ("conv1 patches (25 × 1·n·28·28)", 0, nbytes(x1, c1), lambda: kernels.patches_chwn(x1, 5, 5, 2)),
         ("conv1 GEMM (6×25)·(25×n·784)", 2 * 6 * 25 * c1.shape[1], nbytes(w1, c1, z1), lambda: w1 @ c1),
         ("pool1 (max, routing)", 3 * z1.size, nbytes(z1, p1, p1) + hit_bytes(z1), lambda: kernels._pool(z1, s1)),
-        ("conv2 patches (150 × n·100)", 0, nbytes(p1, c2), lambda: kernels.patches_cnhw(p1.reshape(6, n, 14, 14), 5, 5, 0)),
+        ("conv2 patches (150 × n·100)", 0, nbytes(p1, c2), lambda: kernels.patches_chwn(p1, 5, 5, 0)),
         ("conv2 GEMM (16×150)·(150×n·100)", 2 * 16 * 150 * c2.shape[1], nbytes(w2, c2, z2), lambda: w2 @ c2),
         ("pool2", 3 * z2.size, nbytes(z2, p2, p2) + hit_bytes(z2), lambda: kernels._pool(z2, s2)),
         ("unpool2", 2 * z2.size, nbytes(g2, p2, gz2) + hit_bytes(z2), lambda: kernels.unpool(g2, route2, s2)),
         ("conv2 weight grad gz·Pᵀ", 2 * 16 * 150 * c2.shape[1], nbytes(gz2, c2, w2), lambda: gz2 @ c2.T),
         ("conv2 input grad Wᵀ·gz", 2 * 16 * 150 * c2.shape[1], nbytes(w2, gz2, gc2), lambda: w2.T @ gz2),
         ("conv2 col2im (gather 25 offsets)", 25 * p1.size, nbytes(gc2, p1),
-         lambda: kernels.patches_cnhw_adjoint(gc2, (6, n, 14, 14), 5, 5, 0)),
+         lambda: kernels.patches_chwn_adjoint(gc2, (6, 14, 14, n), 5, 5, 0)),
         ("unpool1", 2 * z1.size, nbytes(p1, p1, z1) + hit_bytes(z1), lambda: kernels.unpool(p1, route1, s1)),
         ("conv1 weight grad gz·Pᵀ", 2 * 6 * 25 * c1.shape[1], nbytes(gz1, c1, w1), lambda: gz1 @ c1.T),
     ]

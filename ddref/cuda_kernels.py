@@ -14,25 +14,27 @@ def _out_size(h, w, kh, kw, pad):
     return h + 2 * pad - kh + 1, w + 2 * pad - kw + 1
 
 
+# Layout (C, H, W, N), batch innermost: thread i's batch index is i % n, so neighbouring
+# threads read and write neighbouring addresses.
 SOURCES = {
     "patches": (
         "raw T x, int32 n, int32 h, int32 w, int32 ho, int32 wo, int32 kh, int32 kw, int32 pad", "T col",
         """
-        int ox = i % wo; int r = i / wo;
+        int b = i % n; int r = i / n;
+        int ox = r % wo; r /= wo;
         int oy = r % ho; r /= ho;
-        int b = r % n; r /= n;
         int dj = r % kw; r /= kw;
         int di = r % kh; int ch = r / kh;
         int y = oy + di - pad, xx = ox + dj - pad;
-        col = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[((ch * n + b) * h + y) * w + xx] : (T)0;
+        col = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[((long long)(ch * h + y) * w + xx) * n + b] : (T)0;
         """),
     "patches_adjoint": (
         "raw T col, int32 c, int32 n, int32 h, int32 w, int32 ho, int32 wo, int32 kh, int32 kw, int32 pad",
         "T img",
         """
-        int xx = i % w; int r = i / w;
-        int y = r % h; r /= h;
-        int b = r % n; int ch = r / n;
+        int b = i % n; int r = i / n;
+        int xx = r % w; r /= w;
+        int y = r % h; int ch = r / h;
         T acc = 0;
         for (int di = 0; di < kh; ++di) {
             int oy = y + pad - di;
@@ -40,50 +42,56 @@ SOURCES = {
             for (int dj = 0; dj < kw; ++dj) {
                 int ox = xx + pad - dj;
                 if (ox < 0 || ox >= wo) continue;
-                acc += col[((((ch * kh + di) * kw + dj) * n + b) * ho + oy) * wo + ox];
+                acc += col[((long long)(((ch * kh + di) * kw + dj) * ho + oy) * wo + ox) * n + b];
             }
         }
         img = acc;
         """),
     "pool": (
-        "raw T z, raw T bias, int32 nb, int32 ho, int32 wo, int32 hp, int32 wp", "T out, T scale, raw T hit",
+        "raw T z, raw T bias, int32 n, int32 ho, int32 wo, int32 hp, int32 wp", "T out, T scale, raw T hit",
         """
-        int q = i % wp; int r = i / wp; int p = r % hp; int m = r / hp;
-        long long k = ((long long)m * ho + 2 * p) * wo + 2 * q;
-        T bb = bias[m / nb];
-        T a = z[k] + bb, b = z[k + 1] + bb, c = z[k + wo] + bb, d = z[k + wo + 1] + bb;
-        T ab = a > b || a != a ? a : b, cd = c > d || c != c ? c : d;
+        int b = i % n; int r = i / n;
+        int q = r % wp; r /= wp; int p = r % hp; int m = r / hp;
+        long long k = ((long long)(m * ho + 2 * p) * wo + 2 * q) * n + b;
+        long long right = n, down = (long long)wo * n;
+        T bb = bias[m];
+        T a = z[k] + bb, bt = z[k + right] + bb, c = z[k + down] + bb, d = z[k + down + right] + bb;
+        T ab = a > bt || a != a ? a : bt, cd = c > d || c != c ? c : d;
         T top = ab > cd || ab != ab ? ab : cd;
-        T ha = a == top, hb = b == top, hc = c == top, hd = d == top;
-        hit[k] = ha; hit[k + 1] = hb; hit[k + wo] = hc; hit[k + wo + 1] = hd;
+        T ha = a == top, hb = bt == top, hc = c == top, hd = d == top;
+        hit[k] = ha; hit[k + right] = hb; hit[k + down] = hc; hit[k + down + right] = hd;
         T relu = top > 0 ? (T)1 : (T)0;
         out = top * relu;
         scale = relu / (ha + hb + hc + hd);
         """),
     "unpool": (
-        "T hit, raw T g, raw T scale, int32 ho, int32 wo, int32 hp, int32 wp", "T gz",
+        "T hit, raw T g, raw T scale, int32 n, int32 ho, int32 wo, int32 hp, int32 wp", "T gz",
         """
-        int x = i % wo; int r = i / wo; int y = r % ho; int m = r / ho;
+        int b = i % n; int r = i / n;
+        int x = r % wo; r /= wo; int y = r % ho; int m = r / ho;
         int p = min(y / 2, hp - 1), q = min(x / 2, wp - 1);
-        long long k = ((long long)m * hp + p) * wp + q;
+        long long k = ((long long)(m * hp + p) * wp + q) * n + b;
         gz = hit * (g[k] * scale[k]);
         """),
     "unpool_pair": (
-        "T hit, raw T g, raw T gd, raw T scale, int32 ho, int32 wo, int32 hp, int32 wp", "T gz, T gzd",
+        "T hit, raw T g, raw T gd, raw T scale, int32 n, int32 ho, int32 wo, int32 hp, int32 wp", "T gz, T gzd",
         """
-        int x = i % wo; int r = i / wo; int y = r % ho; int m = r / ho;
+        int b = i % n; int r = i / n;
+        int x = r % wo; r /= wo; int y = r % ho; int m = r / ho;
         int p = min(y / 2, hp - 1), q = min(x / 2, wp - 1);
-        long long k = ((long long)m * hp + p) * wp + q;
+        long long k = ((long long)(m * hp + p) * wp + q) * n + b;
         gz = hit * (g[k] * scale[k]); gzd = hit * (gd[k] * scale[k]);
         """),
     "pool_tangent_sum": (
-        "raw T a, raw T bias, raw T c, bool has_c, raw T hit, T scale, int32 nb, int32 ho, int32 wo, "
+        "raw T a, raw T bias, raw T c, bool has_c, raw T hit, T scale, int32 n, int32 ho, int32 wo, "
         "int32 hp, int32 wp", "T pd",
         """
-        int q = i % wp; int r = i / wp; int p = r % hp; int m = r / hp;
-        long long k = ((long long)m * ho + 2 * p) * wo + 2 * q;
-        T bb = bias[m / nb], s = 0;
-        long long at[4] = {k, k + 1, k + wo, k + wo + 1};
+        int b = i % n; int r = i / n;
+        int q = r % wp; r /= wp; int p = r % hp; int m = r / hp;
+        long long k = ((long long)(m * ho + 2 * p) * wo + 2 * q) * n + b;
+        long long right = n, down = (long long)wo * n;
+        T bb = bias[m], s = 0;
+        long long at[4] = {k, k + right, k + down, k + down + right};
         for (int e = 0; e < 4; ++e) {
             T zd = a[at[e]] + bb;
             if (has_c) zd += c[at[e]];
@@ -92,12 +100,14 @@ SOURCES = {
         pd = s * scale;
         """),
     "pool_tangent": (
-        "raw T zd, raw T hit, T scale, int32 ho, int32 wo, int32 hp, int32 wp", "T pd",
+        "raw T zd, raw T hit, T scale, int32 n, int32 ho, int32 wo, int32 hp, int32 wp", "T pd",
         """
-        int q = i % wp; int r = i / wp; int p = r % hp; int m = r / hp;
-        long long k = ((long long)m * ho + 2 * p) * wo + 2 * q;
-        pd = (zd[k] * hit[k] + zd[k + 1] * hit[k + 1] + zd[k + wo] * hit[k + wo]
-              + zd[k + wo + 1] * hit[k + wo + 1]) * scale;
+        int b = i % n; int r = i / n;
+        int q = r % wp; r /= wp; int p = r % hp; int m = r / hp;
+        long long k = ((long long)(m * ho + 2 * p) * wo + 2 * q) * n + b;
+        long long right = n, down = (long long)wo * n;
+        pd = (zd[k] * hit[k] + zd[k + right] * hit[k + right] + zd[k + down] * hit[k + down]
+              + zd[k + down + right] * hit[k + down + right]) * scale;
         """),
     "bias_relu": (
         "T mm, T b", "T out, T mask",
@@ -145,24 +155,24 @@ def _kernel(cp, name):
 
 
 def _cupy_patches(cp, x, kh, kw, pad):
-    c, n, h, w = x.shape
+    c, h, w, n = x.shape
     ho, wo = _out_size(h, w, kh, kw, pad)
-    out = cp.empty((c * kh * kw, n * ho * wo), dtype=x.dtype)
+    out = cp.empty((c * kh * kw, ho * wo * n), dtype=x.dtype)
     return _kernel(cp, "patches")(cp.ascontiguousarray(x), n, h, w, ho, wo, kh, kw, pad, out)
 
 
 def _cupy_patches_adjoint(cp, cols, x_shape, kh, kw, pad):
-    c, n, h, w = x_shape
+    c, h, w, n = x_shape
     ho, wo = _out_size(h, w, kh, kw, pad)
     out = cp.empty(x_shape, dtype=cols.dtype)
     return _kernel(cp, "patches_adjoint")(cp.ascontiguousarray(cols), c, n, h, w, ho, wo, kh, kw, pad, out)
 
 
 def _cupy_pool(cp, z, bias, z_shape):
-    o, n, ho, wo = z_shape
-    shape = (o, n, ho // 2, wo // 2)
+    o, ho, wo, n = z_shape
+    shape = (o, ho // 2, wo // 2, n)
     out, scale = cp.empty(shape, dtype=z.dtype), cp.empty(shape, dtype=z.dtype)
-    hit = (cp.zeros if ho % 2 or wo % 2 else cp.empty)((o, n * ho * wo), dtype=z.dtype)
+    hit = (cp.zeros if ho % 2 or wo % 2 else cp.empty)((o, ho * wo * n), dtype=z.dtype)
     _kernel(cp, "pool")(cp.ascontiguousarray(z), cp.ascontiguousarray(bias), n, ho, wo, ho // 2, wo // 2,
                         out, scale, hit)
     return out, (hit, scale)
@@ -170,17 +180,17 @@ def _cupy_pool(cp, z, bias, z_shape):
 
 def _cupy_unpool_pair(cp, g, g_dot, route, z_shape):
     hit, scale = route
-    o, n, ho, wo = z_shape
-    out, out_dot = cp.empty((o, n * ho * wo), dtype=hit.dtype), cp.empty((o, n * ho * wo), dtype=hit.dtype)
+    o, ho, wo, n = z_shape
+    out, out_dot = cp.empty((o, ho * wo * n), dtype=hit.dtype), cp.empty((o, ho * wo * n), dtype=hit.dtype)
     _kernel(cp, "unpool_pair")(hit, cp.ascontiguousarray(g), cp.ascontiguousarray(g_dot), scale,
-                               ho, wo, ho // 2, wo // 2, out, out_dot)
+                               n, ho, wo, ho // 2, wo // 2, out, out_dot)
     return out, out_dot
 
 
 def _cupy_pool_tangent_sum(cp, a, bias, c, has_c, route, z_shape):
     hit, scale = route
-    o, n, ho, wo = z_shape
-    out = cp.empty((o, n, ho // 2, wo // 2), dtype=hit.dtype)
+    o, ho, wo, n = z_shape
+    out = cp.empty((o, ho // 2, wo // 2, n), dtype=hit.dtype)
     return _kernel(cp, "pool_tangent_sum")(cp.ascontiguousarray(a), cp.ascontiguousarray(bias),
                                            cp.ascontiguousarray(c), has_c, hit, scale, n, ho, wo,
                                            ho // 2, wo // 2, out)
@@ -188,16 +198,16 @@ def _cupy_pool_tangent_sum(cp, a, bias, c, has_c, route, z_shape):
 
 def _cupy_unpool(cp, g, route, z_shape):
     hit, scale = route
-    o, n, ho, wo = z_shape
-    out = cp.empty((o, n * ho * wo), dtype=hit.dtype)
-    return _kernel(cp, "unpool")(hit, cp.ascontiguousarray(g), scale, ho, wo, ho // 2, wo // 2, out)
+    o, ho, wo, n = z_shape
+    out = cp.empty((o, ho * wo * n), dtype=hit.dtype)
+    return _kernel(cp, "unpool")(hit, cp.ascontiguousarray(g), scale, n, ho, wo, ho // 2, wo // 2, out)
 
 
 def _cupy_pool_tangent(cp, z_dot, route, z_shape):
     hit, scale = route
-    o, n, ho, wo = z_shape
-    out = cp.empty((o, n, ho // 2, wo // 2), dtype=hit.dtype)
-    return _kernel(cp, "pool_tangent")(cp.ascontiguousarray(z_dot), hit, scale, ho, wo, ho // 2, wo // 2, out)
+    o, ho, wo, n = z_shape
+    out = cp.empty((o, ho // 2, wo // 2, n), dtype=hit.dtype)
+    return _kernel(cp, "pool_tangent")(cp.ascontiguousarray(z_dot), hit, scale, n, ho, wo, ho // 2, wo // 2, out)
 
 
 def _cupy_xent(cp, z, t):

@@ -25,7 +25,7 @@ gradient of a model and loss (cross-entropy, squared error) or ``None``, and
 switches the fast path off.  tests/test_fused.py checks that both paths agree in value,
 first and second derivatives to 1e-10 in float64.
 
-The layers (``Flatten``, ``Dense``, ``ToCNHW``, ``ConvReluPool``, ``FlattenCNHW``, with
+The layers (``Flatten``, ``Dense``, ``ToCHWN``, ``ConvReluPool``, ``FlattenCHWN``, with
 ``forward`` / ``backward`` and ``tangent`` / ``backward_tangent``) live in
 :mod:`ddref.fused_layers`, the device kernels of the convolution and pooling in
 :mod:`ddref.kernels`; both are re-exported here.  The import order is
@@ -42,9 +42,9 @@ from autograd.extend import defvjp_argnums, primitive
 from autograd.tracer import getval
 
 from ddref import backend, kernels, losses
-from ddref.fused_layers import (ConvReluPool, Dense, Flatten, FlattenCNHW, ToCNHW,  # noqa: F401
+from ddref.fused_layers import (ConvReluPool, Dense, Flatten, FlattenCHWN, ToCHWN,  # noqa: F401
                                 _conv_matrix, _relu_mask, matmul)
-from ddref.kernels import patches_cnhw, patches_cnhw_adjoint  # noqa: F401  (re-exported)
+from ddref.kernels import patches_chwn, patches_chwn_adjoint  # noqa: F401  (re-exported)
 
 _STATE = {"enabled": True}
 

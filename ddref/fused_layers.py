@@ -10,9 +10,9 @@ derivatives written out by hand, for parameters θ and a direction θ̇ in param
 =================  ===========================================================
 ``Flatten``        (N, …) → (N, features)
 ``Dense``          h w + b, optionally followed by relu
-``ToCNHW``         images to channel-major (C, N, H, W), the layout the convolutions use
+``ToCHWN``         images to channel-first, batch-last (C, H, W, N), the convolutions' layout
 ``ConvReluPool``   conv (patch matrix + one matrix product) → relu → 2×2 max-pool
-``FlattenCNHW``    channel-major activations → (N, features) in ``nn.flatten``'s NHWC order
+``FlattenCHWN``    (C, H, W, N) activations → (N, features) in ``nn.flatten``'s NHWC order
 =================  ===========================================================
 
 The models of :mod:`ddref.nn` describe themselves as lists of these layers; the module sits
@@ -30,7 +30,7 @@ from autograd.extend import defvjp, primitive
 from autograd.tracer import getval
 
 from ddref import kernels
-from ddref.kernels import patches_cnhw, patches_cnhw_adjoint, pool_relu, pool_tangent, unpool
+from ddref.kernels import patches_chwn, patches_chwn_adjoint, pool_relu, pool_tangent, unpool
 
 
 @primitive
@@ -145,41 +145,44 @@ class Dense:
         return g_h, g_h_dot, grads, dgrads
 
 
-class ToCNHW:
-    """(N, C, H, W) images → channel-major (C, N, H, W)."""
+_TO_CHWN, _FROM_CHWN = (1, 2, 3, 0), (3, 0, 1, 2)
+
+
+class ToCHWN:
+    """(N, C, H, W) images → channel-first, batch-last (C, H, W, N)."""
 
     params = ()
 
     def forward(self, params, h):
-        return anp.transpose(h, (1, 0, 2, 3)), None
+        return anp.transpose(h, _TO_CHWN), None
 
     def tangent(self, params, dparams, cache, h_dot):
-        return (None if h_dot is None else anp.transpose(h_dot, (1, 0, 2, 3))), None
+        return (None if h_dot is None else anp.transpose(h_dot, _TO_CHWN)), None
 
     def backward(self, params, cache, g, need_input_grad):
-        return (anp.transpose(g, (1, 0, 2, 3)) if need_input_grad else None), {}
+        return (anp.transpose(g, _FROM_CHWN) if need_input_grad else None), {}
 
     def backward_tangent(self, params, dparams, cache, tcache, g, g_dot, need_input_grad):
-        return anp.transpose(g, (1, 0, 2, 3)), anp.transpose(g_dot, (1, 0, 2, 3)), {}, {}
+        return anp.transpose(g, _FROM_CHWN), anp.transpose(g_dot, _FROM_CHWN), {}, {}
 
     def __repr__(self):
-        return "ToCNHW()"
+        return "ToCHWN()"
 
 
-class FlattenCNHW:
-    """(C, N, H, W) → (N, H·W·C): the features in the order ``nn.flatten`` gives NHWC arrays."""
+class FlattenCHWN:
+    """(C, H, W, N) → (N, H·W·C): the features in the order ``nn.flatten`` gives NHWC arrays."""
 
     params = ()
 
     @staticmethod
     def _flat(h):
-        h = anp.transpose(h, (1, 2, 3, 0))
+        h = anp.transpose(h, (3, 1, 2, 0))
         return anp.reshape(h, (h.shape[0], -1))
 
     @staticmethod
     def _unflat(g, shape):
-        c, n, h, w = shape
-        return anp.transpose(anp.reshape(g, (n, h, w, c)), (3, 0, 1, 2))
+        c, h, w, n = shape
+        return anp.transpose(anp.reshape(g, (n, h, w, c)), (3, 1, 2, 0))
 
     def forward(self, params, h):
         return self._flat(h), h.shape
@@ -194,11 +197,11 @@ class FlattenCNHW:
         return self._unflat(g, shape), self._unflat(g_dot, shape), {}, {}
 
     def __repr__(self):
-        return "FlattenCNHW()"
+        return "FlattenCHWN()"
 
 
 def _conv_matrix(w):
-    """w (O, C, kh, kw) as the (O, C·kh·kw) matrix that multiplies :func:`patches_cnhw` (a view)."""
+    """w (O, C, kh, kw) as the (O, C·kh·kw) matrix that multiplies :func:`patches_chwn` (a view)."""
     return anp.reshape(w, (w.shape[0], -1))
 
 
@@ -209,7 +212,7 @@ def _conv_weight(m, shape):
 
 @dataclass(frozen=True)
 class ConvReluPool:
-    """max-pool 2×2 (relu (conv(h, w) + b)) on channel-major h (C, N, H, W), w (O, C, kh, kw),
+    """max-pool 2×2 (relu (conv(h, w) + b)) on batch-last h (C, H, W, N), w (O, C, kh, kw),
     stride 1: the same numbers as ``nn.max_pool2x2_nhwc(relu(nn.conv2d_nhwc(...)))``.
 
     Computed as relu(max-pool(conv)), which is the same number (relu is monotone) on a
@@ -226,13 +229,13 @@ class ConvReluPool:
         return (self.w, self.b)
 
     def _z_shape(self, h_shape, w_shape):
-        (_, n, h, w), (o, _, kh, kw) = h_shape, w_shape
-        return o, n, h + 2 * self.pad - kh + 1, w + 2 * self.pad - kw + 1
+        (_, h, w, n), (o, _, kh, kw) = h_shape, w_shape
+        return o, h + 2 * self.pad - kh + 1, w + 2 * self.pad - kw + 1, n
 
     def forward(self, params, h):
         w = params[self.w]
         kh, kw = w.shape[2:]
-        cols = patches_cnhw(h, kh, kw, self.pad)
+        cols = patches_chwn(h, kh, kw, self.pad)
         z_shape = self._z_shape(h.shape, w.shape)
         mm, b = matmul(_conv_matrix(w), cols), params[self.b]
         if kernels.fusable(mm, b):                                # + b inside the pool kernel
@@ -247,7 +250,7 @@ class ConvReluPool:
         mm, db = matmul(_conv_matrix(dparams[self.w]), cols), dparams[self.b]
         cols_dot = mm_in = None
         if h_dot is not None:
-            cols_dot = patches_cnhw(h_dot, *w.shape[2:], self.pad)
+            cols_dot = patches_chwn(h_dot, *w.shape[2:], self.pad)
             mm_in = matmul(_conv_matrix(w), cols_dot)
         if kernels.fusable(mm, db, mm_in):                       # one kernel on a device
             return kernels.pool_tangent_sum(mm, db, mm_in, route, z_shape), cols_dot
@@ -258,7 +261,7 @@ class ConvReluPool:
 
     @staticmethod
     def _unpool(g, cache):
-        """∂ℓ/∂z (O, N·Ho·Wo) from ∂ℓ/∂out: through the relu, then to each window's maxima."""
+        """∂ℓ/∂z (O, Ho·Wo·N) from ∂ℓ/∂out: through the relu, then to each window's maxima."""
         _, _, z_shape, route = cache
         return unpool(g, route, z_shape)
 
@@ -275,12 +278,12 @@ class ConvReluPool:
             g_h = kernels.conv_input_grad(w, g_z, h_shape, self.pad)
         elif need_input_grad:
             g_cols = matmul(anp.transpose(_conv_matrix(w)), g_z)
-            g_h = patches_cnhw_adjoint(g_cols, h_shape, *w.shape[2:], self.pad)
+            g_h = patches_chwn_adjoint(g_cols, h_shape, *w.shape[2:], self.pad)
         return g_h, grads
 
     def _backward_tangent_stacked(self, params, dparams, cache, cols_dot, g_z, g_z_dot, need_input_grad):
         """:meth:`backward_tangent` from (∂ℓ/∂z, its tangent) on the host, untraced, with the
-        two cotangents stacked as one (2O, N·Ho·Wo) matrix S = [g_z; ġ_z], so that fewer,
+        two cotangents stacked as one (2O, Ho·Wo·N) matrix S = [g_z; ġ_z], so that fewer,
         larger products do the work (the numbers differ only in the order of float sums):
 
             [∂ℓ/∂W; d(∂ℓ/∂W)] = S Pᵀ  (+ g_z Ṗᵀ in the second half when the input moves)
@@ -321,7 +324,7 @@ class ConvReluPool:
         if need_input_grad:
             g_cols_dot = (matmul(anp.transpose(_conv_matrix(w)), g_z_dot)
                           + matmul(anp.transpose(_conv_matrix(w_dot)), g_z))
-            g_h_dot = patches_cnhw_adjoint(g_cols_dot, h_shape, *w.shape[2:], self.pad)
+            g_h_dot = patches_chwn_adjoint(g_cols_dot, h_shape, *w.shape[2:], self.pad)
         return g_h, g_h_dot, grads, dgrads
 
 

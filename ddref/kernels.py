@@ -14,15 +14,19 @@ Each function here is an autograd primitive with three implementations of the sa
 tests/test_fused.py checks that the emulated kernels and the numpy path agree to 1e-10 in
 float64, values and derivatives.
 
-Shapes (channel-major, as :mod:`ddref.fused_layers` uses them):
+Shapes: channel-first, batch-last (C, H, W, N), as :mod:`ddref.fused_layers` uses them.  The
+batch is the innermost axis, so every slice these functions take (a kernel offset's window,
+a pooling corner) reads and writes contiguous runs of Wo·N or N numbers — long runs for the
+real batch of the outer loss, where the time goes — and, on a device, neighbouring threads
+touch neighbouring addresses:
 
 =========================  =====================================================
-``patches_cnhw``           x (C, N, H, W) → P (C·kh·kw, N·Ho·Wo),
-                           P[(c, i, j), (n, y, x)] = x_pad[c, n, y + i, x + j]
-``patches_cnhw_adjoint``   P → x (C, N, H, W):  x[c, n, y, x] = Σ_{i,j} P[(c, i, j), (n, y+p−i, x+p−j)]
-``conv_input_grad``        host only, untraced: patches_cnhw_adjoint(W_matᵀ g_z) without the
+``patches_chwn``           x (C, H, W, N) → P (C·kh·kw, Ho·Wo·N),
+                           P[(c, i, j), (y, x, n)] = x_pad[c, y + i, x + j, n]
+``patches_chwn_adjoint``   P → x (C, H, W, N):  x[c, y, x, n] = Σ_{i,j} P[(c, i, j), (y+p−i, x+p−j, n)]
+``conv_input_grad``        host only, untraced: patches_chwn_adjoint(W_matᵀ g_z) without the
                            patch-gradient matrix (offset by offset, or over "wide" rows)
-``pool_relu``              z (O, N·Ho·Wo) → relu(max over each 2×2 window) (O, N, Ho/2, Wo/2)
+``pool_relu``              z (O, Ho·Wo·N) → relu(max over each 2×2 window) (O, Ho/2, Wo/2, N)
 ``unpool``                 its derivative: each window's gradient to its maxima (ties split)
 ``pool_tangent``           the adjoint of ``unpool``: Σ over the window of ż · route
 =========================  =====================================================
@@ -59,40 +63,40 @@ def _on_host():
 
 
 @primitive
-def patches_cnhw(x, kh, kw, pad=0):
-    """The stride-1 patch matrix of x (C, N, H, W): row (c, i, j), column (n, y, x) holds
-    x_padded[c, n, y + i, x + j] — rows in the order of a conv weight's (C, kh, kw) axes, so
+def patches_chwn(x, kh, kw, pad=0):
+    """The stride-1 patch matrix of x (C, H, W, N): row (c, i, j), column (y, x, n) holds
+    x_padded[c, y + i, x + j, n] — rows in the order of a conv weight's (C, kh, kw) axes, so
     the weight (O, C, kh, kw) multiplies it as its (O, C·kh·kw) reshape, a view.  Linear in x;
-    its adjoint is :func:`patches_cnhw_adjoint`."""
+    its adjoint is :func:`patches_chwn_adjoint`."""
     if not _on_host():
         return _launch("patches", x, kh, kw, pad)
-    c, n, h, w = x.shape
+    c, h, w, n = x.shape
     ho, wo = _out_size(h, w, kh, kw, pad)
     if pad:
-        x = numpy.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    out = numpy.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
+        x = numpy.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = numpy.empty((c, kh, kw, ho, wo, n), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
-            out[:, i, j] = x[:, :, i: i + ho, j: j + wo]
-    return out.reshape(c * kh * kw, n * ho * wo)
+            out[:, i, j] = x[:, i: i + ho, j: j + wo]
+    return out.reshape(c * kh * kw, ho * wo * n)
 
 
 @primitive
-def patches_cnhw_adjoint(cols, x_shape, kh, kw, pad=0):
-    """Add the rows of a patch matrix back into an array of shape ``x_shape`` (C, N, H, W)."""
+def patches_chwn_adjoint(cols, x_shape, kh, kw, pad=0):
+    """Add the rows of a patch matrix back into an array of shape ``x_shape`` (C, H, W, N)."""
     if not _on_host():
         return _launch("patches_adjoint", cols, tuple(x_shape), kh, kw, pad)
-    c, n, h, w = x_shape
+    c, h, w, n = x_shape
     ho, wo = _out_size(h, w, kh, kw, pad)
-    cols = cols.reshape(c, kh, kw, n, ho, wo)
-    out = numpy.zeros((c, n, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
+    cols = cols.reshape(c, kh, kw, ho, wo, n)
+    out = numpy.zeros((c, h + 2 * pad, w + 2 * pad, n), dtype=cols.dtype)
     for i in range(kh):
         for j in range(kw):
-            out[:, :, i: i + ho, j: j + wo] += cols[:, i, j]
-    return out[:, :, pad: pad + h, pad: pad + w] if pad else out
+            out[:, i: i + ho, j: j + wo] += cols[:, i, j]
+    return out[:, pad: pad + h, pad: pad + w] if pad else out
 
 
-# From this many columns N·Ho·Wo of the patch matrix on, :func:`conv_input_grad` goes one
+# From this many columns Ho·Wo·N of the patch matrix on, :func:`conv_input_grad` goes one
 # kernel offset at a time; below it, one GEMM over "wide" rows.
 _WIDE_COLUMNS = 32768
 
@@ -103,77 +107,78 @@ def host_conv_input_grad(*values):
 
 
 def conv_input_grad(w, g_z, x_shape, pad=0):
-    """∂ℓ/∂x (C, N, H, W) of a stride-1 convolution from ∂ℓ/∂z (O, N·Ho·Wo) and its weight w
+    """∂ℓ/∂x (C, H, W, N) of a stride-1 convolution from ∂ℓ/∂z (O, Ho·Wo·N) and its weight w
     (O, C, kh, kw), on the host, untraced (see :func:`host_conv_input_grad`):
 
-        x[c, n, y, x] = Σ_{i,j} Σ_o w[o, c, i, j] g_z[o, (n, y+p−i, x+p−j)],
+        x[c, y, x, n] = Σ_{i,j} Σ_o w[o, c, i, j] g_z[o, (y+p−i, x+p−j, n)],
 
-    the same number as ``patches_cnhw_adjoint(W_matᵀ g_z, …)`` up to the order of the float
+    the same number as ``patches_chwn_adjoint(W_matᵀ g_z, …)`` up to the order of the float
     sums (a sum of two such terms is one call with w and g_z stacked along O).  numpy's cost
-    here is its short inner loops (one image row of Wo entries per add), so:
+    here is its inner loops (one run of Wo·N entries per add), so:
 
     * a large batch (≥ ``_WIDE_COLUMNS`` columns) is accumulated one kernel offset (i, j) at
-      a time — a (C, O)·(O, N·Ho·Wo) product added straight into its shifted window — and the
-      (C·kh·kw, N·Ho·Wo) patch gradient, which would not fit in cache, is never materialised;
+      a time — a (C, O)·(O, Ho·Wo·N) product added straight into its shifted window — and the
+      (C·kh·kw, Ho·Wo·N) patch gradient, which would not fit in cache, is never materialised;
     * a small batch pads each row of g_z with zeros to the padded input's row length Wp, so
-      that the patch gradient Wᵀ g_z comes out "wide": offset (i, j) of image n is then one
-      contiguous run of (Ho − 1)·Wp + Wo entries added at i·Wp + j of the flat padded image
-      (the padding columns carry exact zeros)."""
+      that the patch gradient Wᵀ g_z comes out "wide": offset (i, j) is then one contiguous
+      run of ((Ho − 1)·Wp + Wo)·N entries per channel, added at (i·Wp + j)·N of the flat
+      padded channel (the padding columns carry exact zeros)."""
     o, c, kh, kw = w.shape
-    n, h, wd = x_shape[1:]
+    h, wd, n = x_shape[1:]
     hp, wp = h + 2 * pad, wd + 2 * pad
     ho, wo = _out_size(h, wd, kh, kw, pad)
     dtype = numpy.result_type(w, g_z)
     if g_z.shape[1] >= _WIDE_COLUMNS:
-        out = numpy.zeros((c, n, hp, wp), dtype=dtype)
-        term = numpy.empty((c, n * ho * wo), dtype=dtype)
-        window = term.reshape(c, n, ho, wo)
+        out = numpy.zeros((c, hp, wp, n), dtype=dtype)
+        term = numpy.empty((c, ho * wo * n), dtype=dtype)
+        window = term.reshape(c, ho, wo, n)
         taps = numpy.transpose(w, (2, 3, 1, 0))                          # (kh, kw, C, O) view
         for i in range(kh):
             for j in range(kw):
                 numpy.matmul(taps[i, j], g_z, out=term)
-                out[:, :, i: i + ho, j: j + wo] += window
+                out[:, i: i + ho, j: j + wo] += window
     else:
-        g_wide = numpy.zeros((o, n, ho, wp), dtype=g_z.dtype)
-        g_wide[..., :wo] = numpy.reshape(g_z, (o, n, ho, wo))
+        g_wide = numpy.zeros((o, ho, wp, n), dtype=g_z.dtype)
+        g_wide[:, :, :wo] = numpy.reshape(g_z, (o, ho, wo, n))
         cols = numpy.reshape(numpy.reshape(w, (o, -1)).T @ numpy.reshape(g_wide, (o, -1)),
-                             (c, kh, kw, n, ho * wp))
-        run = (ho - 1) * wp + wo                                          # first to last entry
-        flat = numpy.zeros((c, n, hp * wp), dtype=dtype)
+                             (c, kh, kw, ho * wp * n))
+        run = ((ho - 1) * wp + wo) * n                                    # first to last entry
+        flat = numpy.zeros((c, hp * wp * n), dtype=dtype)
         for i in range(kh):
             for j in range(kw):
-                flat[:, :, i * wp + j: i * wp + j + run] += cols[:, i, j, :, :run]
-        out = numpy.reshape(flat, (c, n, hp, wp))
-    return out[:, :, pad: pad + h, pad: pad + wd] if pad else out
+                start = (i * wp + j) * n
+                flat[:, start: start + run] += cols[:, i, j, :run]
+        out = numpy.reshape(flat, (c, hp, wp, n))
+    return out[:, pad: pad + h, pad: pad + wd] if pad else out
 
 
-defvjp(patches_cnhw, lambda ans, x, kh, kw, pad=0: lambda g: patches_cnhw_adjoint(g, x.shape, kh, kw, pad))
-defvjp(patches_cnhw_adjoint, lambda ans, cols, x_shape, kh, kw, pad=0: lambda g: patches_cnhw(g, kh, kw, pad))
+defvjp(patches_chwn, lambda ans, x, kh, kw, pad=0: lambda g: patches_chwn_adjoint(g, x.shape, kh, kw, pad))
+defvjp(patches_chwn_adjoint, lambda ans, cols, x_shape, kh, kw, pad=0: lambda g: patches_chwn(g, kh, kw, pad))
 
 
 def _emulate_patches(x, kh, kw, pad):
-    """One thread per element of P: read x at (c, n, y + i − p, x + j − p), or 0 outside."""
-    c, n, h, w = x.shape
+    """One thread per element of P: read x at (c, y + i − p, x + j − p, n), or 0 outside."""
+    c, h, w, n = x.shape
     ho, wo = _out_size(h, w, kh, kw, pad)
-    cc, i, j, nn, y, xx = numpy.ogrid[:c, :kh, :kw, :n, :ho, :wo]
+    cc, i, j, y, xx, nn = numpy.ogrid[:c, :kh, :kw, :ho, :wo, :n]
     ys, xs = y + i - pad, xx + j - pad
     inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
-    out = numpy.where(inside, x[cc, nn, ys.clip(0, h - 1), xs.clip(0, w - 1)], 0).astype(x.dtype)
-    return out.reshape(c * kh * kw, n * ho * wo)
+    out = numpy.where(inside, x[cc, ys.clip(0, h - 1), xs.clip(0, w - 1), nn], 0).astype(x.dtype)
+    return out.reshape(c * kh * kw, ho * wo * n)
 
 
 def _emulate_patches_adjoint(cols, x_shape, kh, kw, pad):
     """One thread per pixel of x: gather, in the order i then j, the entries of P that read it."""
-    c, n, h, w = x_shape
+    c, h, w, n = x_shape
     ho, wo = _out_size(h, w, kh, kw, pad)
-    cols = cols.reshape(c, kh, kw, n, ho, wo)
-    cc, nn, y, xx = numpy.ogrid[:c, :n, :h, :w]
+    cols = cols.reshape(c, kh, kw, ho, wo, n)
+    cc, y, xx, nn = numpy.ogrid[:c, :h, :w, :n]
     acc = numpy.zeros(x_shape, dtype=cols.dtype)
     for i in range(kh):
         for j in range(kw):
             ys, xs = y + pad - i, xx + pad - j
             inside = (ys >= 0) & (ys < ho) & (xs >= 0) & (xs < wo)
-            acc = acc + numpy.where(inside, cols[:, i, j][cc, nn, ys.clip(0, ho - 1), xs.clip(0, wo - 1)], 0)
+            acc = acc + numpy.where(inside, cols[:, i, j][cc, ys.clip(0, ho - 1), xs.clip(0, wo - 1), nn], 0)
     return acc
 
 
@@ -184,7 +189,7 @@ def _emulate_patches_adjoint(cols, x_shape, kh, kw, pad):
 
 
 def pool_relu(z, z_shape, bias=None):
-    """relu(max-pool 2×2 (z)) for z (O, N·Ho·Wo) laid out as ``z_shape`` (O, N, Ho, Wo) (odd
+    """relu(max-pool 2×2 (z)) for z (O, Ho·Wo·N) laid out as ``z_shape`` (O, Ho, Wo, N) (odd
     trailing rows / columns dropped), and the routing its derivatives need.  ``bias`` (O,),
     untraced values only: the pool of z + bias (the kernel adds it on the way)."""
     value, route = _pool(getval(z), z_shape, bias)
@@ -198,7 +203,7 @@ def _pool(z, z_shape, bias=None):
         return _launch("pool", z, bias, z_shape)
     if bias is not None:
         z = z + numpy.reshape(bias, (-1, 1))
-    corners = _window_corners(z, z_shape)                        # 4 × (O·N, Ho/2, Wo/2) views
+    corners = _window_corners(z, z_shape)                        # 4 × (O, Ho/2, Wo/2, N) views
     pooled = numpy.maximum(numpy.maximum(corners[0], corners[1]), numpy.maximum(corners[2], corners[3]))
     hit = numpy.empty((4, *pooled.shape), dtype=bool)                  # which corners are maxima
     for k in range(4):
@@ -206,18 +211,17 @@ def _pool(z, z_shape, bias=None):
     ones = hit.view(numpy.uint8)                                        # count them in bytes
     count = ones[0] + ones[1] + ones[2] + ones[3]
     mask = (pooled > 0).astype(pooled.dtype)
-    o, n, ho, wo = z_shape
-    return numpy.reshape(pooled * mask, (o, n, ho // 2, wo // 2)), (hit, mask / count)
+    return pooled * mask, (hit, mask / count)
 
 
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
 def _window_corners(z, z_shape):
-    """The four corners (0,0), (0,1), (1,0), (1,1) of every 2×2 window of z (O, N·Ho·Wo), as
-    (O·N, Ho/2, Wo/2) views (odd trailing rows / columns dropped)."""
-    o, n, ho, wo = z_shape
-    z = numpy.reshape(z, (o * n, ho, wo))
+    """The four corners (0,0), (0,1), (1,0), (1,1) of every 2×2 window of z (O, Ho·Wo·N), as
+    (O, Ho/2, Wo/2, N) views (odd trailing rows / columns dropped)."""
+    o, ho, wo, n = z_shape
+    z = numpy.reshape(z, z_shape)
     return [z[:, di: ho // 2 * 2: 2, dj: wo // 2 * 2: 2] for di, dj in _CORNERS]
 
 
@@ -229,14 +233,14 @@ def _pooled(z, value, route, z_shape):
 
 @primitive
 def unpool(g, route, z_shape):
-    """∂ℓ/∂z (O, N·Ho·Wo) from ∂ℓ/∂out (O, N, Ho/2, Wo/2): each window's gradient goes to its
+    """∂ℓ/∂z (O, Ho·Wo·N) from ∂ℓ/∂out (O, Ho/2, Wo/2, N): each window's gradient goes to its
     maxima, split evenly between ties, through the relu; cropped rows get none."""
     if not _on_host():
         return _launch("unpool", g, route, z_shape)
     hit, scale = route
-    o, n, ho, wo = z_shape
+    o, ho, wo, n = z_shape
     share = numpy.reshape(g, scale.shape) * scale                      # each window's gradient
-    out = (numpy.zeros if ho % 2 or wo % 2 else numpy.empty)((o, n * ho * wo), dtype=share.dtype)
+    out = (numpy.zeros if ho % 2 or wo % 2 else numpy.empty)((o, ho * wo * n), dtype=share.dtype)
     for k, corner in enumerate(_window_corners(out, z_shape)):
         numpy.multiply(share, hit[k], out=corner)
     return out
@@ -244,15 +248,14 @@ def unpool(g, route, z_shape):
 
 @primitive
 def pool_tangent(z_dot, route, z_shape):
-    """The derivative of :func:`pool_relu` along ż (O, N·Ho·Wo): Σ over each window of
-    ż · hit, times scale — (O, N, Ho/2, Wo/2).  The adjoint of :func:`unpool`."""
+    """The derivative of :func:`pool_relu` along ż (O, Ho·Wo·N): Σ over each window of
+    ż · hit, times scale — (O, Ho/2, Wo/2, N).  The adjoint of :func:`unpool`."""
     if not _on_host():
         return _launch("pool_tangent", z_dot, route, z_shape)
     hit, scale = route
-    o, n, ho, wo = z_shape
     c = _window_corners(z_dot, z_shape)
     total = c[0] * hit[0] + c[1] * hit[1] + c[2] * hit[2] + c[3] * hit[3]
-    return numpy.reshape(total * scale, (o, n, ho // 2, wo // 2))
+    return total * scale
 
 
 defvjp(_pooled, lambda ans, z, value, route, z_shape: lambda g: unpool(g, route, z_shape))
@@ -263,18 +266,16 @@ defvjp(pool_tangent, lambda ans, z_dot, route, z_shape: lambda v: unpool(v, rout
 def _emulate_pool(z, bias, z_shape):
     """One thread per window: its maximum, which corners reach it, and [max > 0] / their count.
     ``hit`` is laid out like z (1 at a window's maxima, 0 elsewhere and in cropped rows)."""
-    o, n, ho, wo = z_shape
     z = z + bias[:, None]
     a, b, c, d = _window_corners(z, z_shape)
     top = numpy.maximum(numpy.maximum(a, b), numpy.maximum(c, d))
     hits = [(corner == top).astype(z.dtype) for corner in (a, b, c, d)]
-    hit = numpy.zeros((o * n, ho, wo), dtype=z.dtype)
+    hit = numpy.zeros(z.shape, dtype=z.dtype)
     for corner, h in zip(_window_corners(hit, z_shape), hits):
         corner[...] = h
     relu = (top > 0).astype(z.dtype)
     scale = relu / (hits[0] + hits[1] + hits[2] + hits[3])
-    shape = (o, n, ho // 2, wo // 2)
-    return (top * relu).reshape(shape), (hit.reshape(o, n * ho * wo), scale.reshape(shape))
+    return top * relu, (hit, scale)
 
 
 def pool_tangent_sum(a, bias, c, route, z_shape):
@@ -295,20 +296,18 @@ def _emulate_pool_tangent_sum(a, bias, c, has_c, route, z_shape):
 def _emulate_unpool(g, route, z_shape):
     """One thread per entry of z: hit · g · scale of its window (0 in cropped rows)."""
     hit, scale = route
-    o, n, ho, wo = z_shape
+    o, ho, wo, n = z_shape
     y, x = numpy.ogrid[:ho, :wo]
     p, q = (y // 2).clip(0, ho // 2 - 1), (x // 2).clip(0, wo // 2 - 1)
-    share = numpy.reshape(g, (o * n, ho // 2, wo // 2)) * numpy.reshape(scale, (o * n, ho // 2, wo // 2))
-    return (numpy.reshape(hit, (o * n, ho, wo)) * share[:, p, q]).reshape(o, n * ho * wo)
+    share = numpy.reshape(g, scale.shape) * scale
+    return (numpy.reshape(hit, z_shape) * share[:, p, q]).reshape(o, ho * wo * n)
 
 
 def _emulate_pool_tangent(z_dot, route, z_shape):
     """One thread per window: (ż₀₀ h₀₀ + ż₀₁ h₀₁ + ż₁₀ h₁₀ + ż₁₁ h₁₁) · scale."""
     hit, scale = route
-    o, n, ho, wo = z_shape
     zs, hs = _window_corners(z_dot, z_shape), _window_corners(hit, z_shape)
-    total = zs[0] * hs[0] + zs[1] * hs[1] + zs[2] * hs[2] + zs[3] * hs[3]
-    return total.reshape(o, n, ho // 2, wo // 2) * scale
+    return (zs[0] * hs[0] + zs[1] * hs[1] + zs[2] * hs[2] + zs[3] * hs[3]) * scale
 
 
 # ---------------------------------------------------------------------------- element-wise chains

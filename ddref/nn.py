@@ -135,14 +135,14 @@ def lenet(input_shape=(1, 28, 28), num_classes=10):
         h = relu(dense(h, params["f2w"], params["f2b"]))
         return dense(h, params["f3w"], params["f3b"])
 
-    layers = [fused.ToCNHW(), fused.ConvReluPool("c1w", "c1b", pad), fused.ConvReluPool("c2w", "c2b"),
+    layers = [fused.ToCHWN(), fused.ConvReluPool("c1w", "c1b", pad), fused.ConvReluPool("c2w", "c2b"),
               *_classifier_layers()]
     return _model("lenet", input_shape, num_classes, shapes, apply, layers)
 
 
 def _classifier_layers():
     """flatten → dense+relu → dense+relu → dense: the fully connected end of lenet and convnet."""
-    return [fused.FlattenCNHW(), fused.Dense("f1w", "f1b", relu=True), fused.Dense("f2w", "f2b", relu=True),
+    return [fused.FlattenCHWN(), fused.Dense("f1w", "f1b", relu=True), fused.Dense("f2w", "f2b", relu=True),
             fused.Dense("f3w", "f3b")]
 
 
@@ -167,7 +167,7 @@ def convnet(input_shape=(3, 32, 32), num_classes=10):
         h = relu(dense(h, params["f2w"], params["f2b"]))
         return dense(h, params["f3w"], params["f3b"])
 
-    layers = [fused.ToCNHW(), fused.ConvReluPool("c1w", "c1b", 2), fused.ConvReluPool("c2w", "c2b", 2),
+    layers = [fused.ToCHWN(), fused.ConvReluPool("c1w", "c1b", 2), fused.ConvReluPool("c2w", "c2b", 2),
               *_classifier_layers()]
     return _model("convnet", input_shape, num_classes, shapes, apply, layers)
 

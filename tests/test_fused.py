@@ -160,19 +160,19 @@ def test_max_pool_ties_split_like_the_plain_path(rel_err):
 
 @pytest.mark.parametrize("h, pad", [(28, 2), (10, 0), (9, 1)])
 def test_patch_matrix_convolution_is_conv2d(rng, rel_err, h, pad):
-    """conv via the channel-major patch matrix equals nn.conv2d; patches and their adjoint
+    """conv via the batch-last patch matrix equals nn.conv2d; patches and their adjoint
     satisfy ⟨P x, y⟩ = ⟨x, Pᵀ y⟩."""
     x = rng.normal(size=(2, 3, h, h))
     w = rng.normal(size=(4, 3, 5, 5))
-    cols = fused.patches_cnhw(np.transpose(x, (1, 0, 2, 3)), 5, 5, pad)
+    x_chwn = np.transpose(x, (1, 2, 3, 0))
+    cols = fused.patches_chwn(x_chwn, 5, 5, pad)
     out = fused._conv_matrix(w) @ cols
     ho = h + 2 * pad - 4
-    out = np.transpose(out.reshape(4, 2, ho, ho), (1, 0, 2, 3))
+    out = np.transpose(out.reshape(4, ho, ho, 2), (3, 0, 1, 2))
     assert rel_err(out, nn.conv2d(x, w, np.zeros(4), pad=pad)) < 1e-12
     y = rng.normal(size=cols.shape)
-    x_cnhw = np.transpose(x, (1, 0, 2, 3))
-    back = fused.patches_cnhw_adjoint(y, x_cnhw.shape, 5, 5, pad)
-    assert rel_err(np.vdot(cols, y), np.vdot(x_cnhw, back)) < 1e-12
+    back = fused.patches_chwn_adjoint(y, x_chwn.shape, 5, 5, pad)
+    assert rel_err(np.vdot(cols, y), np.vdot(x_chwn, back)) < 1e-12
 
 
 def test_plain_switches_the_fast_path_off():
@@ -261,12 +261,12 @@ def _ties(rng, shape):
 def test_emulated_patch_kernels_agree_with_numpy(on_device, rng, rel_err, h, w, pad):
     from ddref import kernels
 
-    x = rng.normal(size=(3, 2, h, w))
-    cols = kernels.patches_cnhw(x, 5, 3, pad)
-    assert rel_err(on_device(kernels.patches_cnhw, x, 5, 3, pad), cols) < AGREE
+    x = rng.normal(size=(3, h, w, 2))
+    cols = kernels.patches_chwn(x, 5, 3, pad)
+    assert rel_err(on_device(kernels.patches_chwn, x, 5, 3, pad), cols) < AGREE
     y = rng.normal(size=cols.shape)
-    back = kernels.patches_cnhw_adjoint(y, x.shape, 5, 3, pad)
-    assert rel_err(on_device(kernels.patches_cnhw_adjoint, y, x.shape, 5, 3, pad), back) < AGREE
+    back = kernels.patches_chwn_adjoint(y, x.shape, 5, 3, pad)
+    assert rel_err(on_device(kernels.patches_chwn_adjoint, y, x.shape, 5, 3, pad), back) < AGREE
 
 
 @pytest.mark.parametrize("h, w, pad", [(14, 14, 0), (9, 7, 2)])
@@ -281,12 +281,12 @@ def test_host_conv_input_grad_matches_patch_adjoint(monkeypatch, rng, rel_err, h
 
     monkeypatch.setattr(kernels, "_WIDE_COLUMNS", columns)
     wt, wt_dot = rng.normal(size=(4, 3, 5, 3)), rng.normal(size=(4, 3, 5, 3))
-    x_shape = (3, 2, h, w)
+    x_shape = (3, h, w, 2)
     ho, wo = h + 2 * pad - 4, w + 2 * pad - 2
     g_z, g_z_dot = rng.normal(size=(4, 2 * ho * wo)), rng.normal(size=(4, 2 * ho * wo))
-    expected = kernels.patches_cnhw_adjoint(wt.reshape(4, -1).T @ g_z, x_shape, 5, 3, pad)
+    expected = kernels.patches_chwn_adjoint(wt.reshape(4, -1).T @ g_z, x_shape, 5, 3, pad)
     assert rel_err(kernels.conv_input_grad(wt, g_z, x_shape, pad), expected) < AGREE
-    pair = kernels.patches_cnhw_adjoint(wt.reshape(4, -1).T @ g_z + wt_dot.reshape(4, -1).T @ g_z_dot,
+    pair = kernels.patches_chwn_adjoint(wt.reshape(4, -1).T @ g_z + wt_dot.reshape(4, -1).T @ g_z_dot,
                                         x_shape, 5, 3, pad)
     stacked = kernels.conv_input_grad(np.concatenate([wt, wt_dot]), np.concatenate([g_z, g_z_dot]),
                                       x_shape, pad)
@@ -323,9 +323,9 @@ def test_emulated_pool_kernels_agree_with_numpy(on_device, rng, rel_err, ho, wo)
     from ddref import kernels
 
     o, n = 3, 2
-    z_shape = (o, n, ho, wo)
-    z, b = _ties(rng, (o, n * ho * wo)), _ties(rng, (o,))
-    g = rng.normal(size=(o, n, ho // 2, wo // 2))
+    z_shape = (o, ho, wo, n)
+    z, b = _ties(rng, (o, ho * wo * n)), _ties(rng, (o,))
+    g = rng.normal(size=(o, ho // 2, wo // 2, n))
     g2 = rng.normal(size=g.shape)
     a, c = rng.normal(size=z.shape), rng.normal(size=z.shape)
 
