@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 
 import autograd.numpy as anp
+import numpy
 from autograd.builtins import dict as traced_dict
 from autograd.extend import defvjp_argnums, primitive
 from autograd.tracer import getval
@@ -168,8 +169,45 @@ def network_value_and_grad(layers, loss, params, x, targets):
     return value, traced_dict((k, grads[k]) for k in params)   # a dict autograd can trace
 
 
+# A large batch through a convolutional network (the outer loss on the real batch) goes
+# through backpropagation in slices of this many images: a convolution's patch matrix grows
+# with the batch (80 MB for LeNet's first layer on 1,024 images), and a slice's stays in cache.
+SLICE = 128
+
+
 def _backprop(layers, loss, params, x, targets, wrt_inputs):
-    """ℓ, ∇θ ℓ, and with ``wrt_inputs`` also ∇x ℓ and ∇t ℓ (else None, None)."""
+    """ℓ, ∇θ ℓ, and with ``wrt_inputs`` also ∇x ℓ and ∇t ℓ (else None, None).
+
+    On the host, untraced, a convolutional network takes a batch of more than ``SLICE``
+    images in slices: ℓ is the mean over the N rows, so ℓ = Σ_s (N_s / N) ℓ_s and each
+    gradient is the same weighted sum of the slices' (the numbers differ only in the order of
+    the float sums)."""
+    if not _sliced(layers, params, x):
+        return _backprop_whole(layers, loss, params, x, targets, wrt_inputs)
+    n = x.shape[0]
+    value, grads, x_parts, t_parts = 0.0, {}, [], []
+    for start in range(0, n, SLICE):
+        rows = slice(start, start + SLICE)
+        v, g, g_x, g_t = _backprop_whole(layers, loss, params, x[rows], targets[rows], wrt_inputs)
+        weight = (min(n, start + SLICE) - start) / n
+        value = value + weight * v
+        grads = {k: grads[k] + weight * g[k] if k in grads else weight * g[k] for k in g}
+        if wrt_inputs:
+            x_parts.append(weight * g_x)
+            t_parts.append(weight * g_t)
+    if not wrt_inputs:
+        return value, grads, None, None
+    return value, grads, numpy.concatenate(x_parts), numpy.concatenate(t_parts)
+
+
+def _sliced(layers, params, x):
+    """True when :func:`_backprop` should go slice by slice (see ``SLICE``)."""
+    return (x.shape[0] > SLICE and len(x.shape) == 4 and backend.xp() is numpy
+            and any(isinstance(layer, ConvReluPool) for layer in layers)
+            and all(getval(v) is v for v in (x, *params.values())))
+
+
+def _backprop_whole(layers, loss, params, x, targets, wrt_inputs):
     out, caches = _forward(layers, params, x)
     value, g, loss_cache = loss.forward(out, targets)
     grad_targets = loss.target_grad(loss_cache, g) if wrt_inputs else None
