@@ -175,6 +175,26 @@ def test_patch_matrix_convolution_is_conv2d(rng, rel_err, h, pad):
     assert rel_err(np.vdot(cols, y), np.vdot(x_chwn, back)) < 1e-12
 
 
+@pytest.mark.parametrize("wrt_inputs", [False, True])
+def test_a_large_convolutional_batch_is_backpropagated_in_slices(monkeypatch, rng, rel_err, wrt_inputs):
+    """Slices of 3 images (the last one shorter) give the whole batch's loss and gradients:
+    each slice weighs N_s / N.  The plain path is the reference."""
+    model, params, x, targets = problem("lenet28", rng, n=8, soft=True)
+    layers, loss = model.apply.layers, fused.LOSSES[losses.cross_entropy]
+    monkeypatch.setattr(fused, "SLICE", 3)
+    assert fused._sliced(layers, params, x)
+    value, grads, g_x, g_t = fused._backprop(layers, loss, params, x, targets, wrt_inputs)
+    assert rel_err(value, losses.cross_entropy(model.apply(params, x), targets)) < AGREE
+    expected = plain_grad(model.apply, params, x, targets)
+    assert rel_err(flat(grads[k] for k in expected), flat(expected.values())) < AGREE
+    if wrt_inputs:
+        plain_x = grad(lambda v: losses.cross_entropy(model.apply(params, v), targets))(x)
+        plain_t = grad(lambda v: losses.cross_entropy(model.apply(params, x), v))(targets)
+        assert rel_err(g_x, plain_x) < AGREE and rel_err(g_t, plain_t) < AGREE
+    assert not fused._sliced(layers, params, x[:3])                   # one slice: the whole batch
+    assert not fused._sliced(nn.build_model("mlp", (1, 28, 28), 10).apply.layers, params, x)
+
+
 def test_plain_switches_the_fast_path_off():
     model = nn.build_model("mlp", (1, 8, 8), 10)
     assert fused.gradient_for(model.apply, losses.cross_entropy) is not None
