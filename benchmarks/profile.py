@@ -178,40 +178,46 @@ def roofline_phases(n=1024, dtype="float32", seed=0):
     p2, route2 = kernels._pool(z2, s2)
     g2 = f(*p2.shape)
     gz2 = kernels.unpool(g2, route2, s2)
-    gc2 = w2.T @ gz2
     gz1 = kernels.unpool(f(*p1.shape), route1, s1)
     hit_bytes = lambda z: z.size                              # one byte per entry
     return [
-        ("conv1 patches (25 × 1·n·28·28)", 0, nbytes(x1, c1), lambda: kernels.patches_chwn(x1, 5, 5, 2)),
-        ("conv1 GEMM (6×25)·(25×n·784)", 2 * 6 * 25 * c1.shape[1], nbytes(w1, c1, z1), lambda: w1 @ c1),
+        ("conv1 patches (25 × 28·28·n)", 0, nbytes(x1, c1), lambda: kernels.patches_chwn(x1, 5, 5, 2)),
+        ("conv1 GEMM (6×25)·(25×784·n)", 2 * 6 * 25 * c1.shape[1], nbytes(w1, c1, z1), lambda: w1 @ c1),
         ("pool1 (max, routing)", 3 * z1.size, nbytes(z1, p1, p1) + hit_bytes(z1), lambda: kernels._pool(z1, s1)),
-        ("conv2 patches (150 × n·100)", 0, nbytes(p1, c2), lambda: kernels.patches_chwn(p1, 5, 5, 0)),
-        ("conv2 GEMM (16×150)·(150×n·100)", 2 * 16 * 150 * c2.shape[1], nbytes(w2, c2, z2), lambda: w2 @ c2),
+        ("conv2 patches (150 × 100·n)", 0, nbytes(p1, c2), lambda: kernels.patches_chwn(p1, 5, 5, 0)),
+        ("conv2 GEMM (16×150)·(150×100·n)", 2 * 16 * 150 * c2.shape[1], nbytes(w2, c2, z2), lambda: w2 @ c2),
         ("pool2", 3 * z2.size, nbytes(z2, p2, p2) + hit_bytes(z2), lambda: kernels._pool(z2, s2)),
         ("unpool2", 2 * z2.size, nbytes(g2, p2, gz2) + hit_bytes(z2), lambda: kernels.unpool(g2, route2, s2)),
         ("conv2 weight grad gz·Pᵀ", 2 * 16 * 150 * c2.shape[1], nbytes(gz2, c2, w2), lambda: gz2 @ c2.T),
-        ("conv2 input grad Wᵀ·gz", 2 * 16 * 150 * c2.shape[1], nbytes(w2, gz2, gc2), lambda: w2.T @ gz2),
-        ("conv2 col2im (gather 25 offsets)", 25 * p1.size, nbytes(gc2, p1),
-         lambda: kernels.patches_chwn_adjoint(gc2, (6, 14, 14, n), 5, 5, 0)),
+        ("conv2 input grad Wᵀ·gz into 25 windows (kernels.conv_input_grad)", 2 * 16 * 150 * c2.shape[1],
+         nbytes(w2, gz2, p1), lambda: kernels.conv_input_grad(w2.reshape(16, 6, 5, 5), gz2, p1.shape, 0)),
         ("unpool1", 2 * z1.size, nbytes(p1, p1, z1) + hit_bytes(z1), lambda: kernels.unpool(p1, route1, s1)),
         ("conv1 weight grad gz·Pᵀ", 2 * 6 * 25 * c1.shape[1], nbytes(gz1, c1, w1), lambda: gz1 @ c1.T),
     ]
 
 
-def print_roofline(repeats):
+def print_roofline(repeats, n=1024):
+    """Each phase on the whole batch against its floor, and as the fast path runs it: in slices
+    of ``fused.SLICE`` images (the time of one slice × the number of slices)."""
+    from ddref import fused
+
     bandwidth, rate = machine_rates(repeats)
-    print(f"\n## roofline: LeNet's outer loss, real batch 1,024, float32 — measured copy bandwidth "
+    slices = n // fused.SLICE
+    print(f"\n## roofline: LeNet's outer loss, real batch {n:,}, float32 — measured copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s (read + write), SGEMM {rate / 1e9:.1f} GFLOP/s\n")
-    print("| phase | MFLOP | MB moved (at least) | floor ms | measured ms | measured ÷ floor |")
-    print("|---|---|---|---|---|---|")
-    total_floor = total = 0.0
-    for name, flops, nbytes, fn in roofline_phases():
+    print(f"| phase | MFLOP | MB moved (at least) | floor ms | measured ms | measured ÷ floor "
+          f"| in {slices} slices of {fused.SLICE} ms | sliced ÷ floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    total_floor = total = total_sliced = 0.0
+    for (name, flops, nbytes, fn), (*_, sliced_fn) in zip(roofline_phases(n), roofline_phases(fused.SLICE)):
         floor = max(flops / rate, nbytes / bandwidth)
         measured = _median_time(fn, repeats)
-        total_floor, total = total_floor + floor, total + measured
+        sliced = slices * _median_time(sliced_fn, repeats)
+        total_floor, total, total_sliced = total_floor + floor, total + measured, total_sliced + sliced
         print(f"| {name} | {flops / 1e6:.0f} | {nbytes / 1e6:.1f} | {1e3 * floor:.2f} | {1e3 * measured:.2f} "
-              f"| {measured / floor:.1f} |")
-    print(f"| **all** | | | {1e3 * total_floor:.1f} | {1e3 * total:.1f} | {total / total_floor:.1f} |")
+              f"| {measured / floor:.1f} | {1e3 * sliced:.2f} | {sliced / floor:.1f} |")
+    print(f"| **all** | | | {1e3 * total_floor:.1f} | {1e3 * total:.1f} | {total / total_floor:.1f} "
+          f"| {1e3 * total_sliced:.1f} | {total_sliced / total_floor:.1f} |")
 
 
 def main(argv=None):
