@@ -184,12 +184,9 @@ def _backprop(layers, loss, params, x, targets, wrt_inputs):
     the float sums)."""
     if not _sliced(layers, params, x):
         return _backprop_whole(layers, loss, params, x, targets, wrt_inputs)
-    n = x.shape[0]
     value, grads, x_parts, t_parts = 0.0, {}, [], []
-    for start in range(0, n, SLICE):
-        rows = slice(start, start + SLICE)
+    for rows, weight in _slices(x):
         v, g, g_x, g_t = _backprop_whole(layers, loss, params, x[rows], targets[rows], wrt_inputs)
-        weight = (min(n, start + SLICE) - start) / n
         value = value + weight * v
         grads = {k: grads[k] + weight * g[k] if k in grads else weight * g[k] for k in g}
         if wrt_inputs:
@@ -205,6 +202,12 @@ def _sliced(layers, params, x):
     return (x.shape[0] > SLICE and len(x.shape) == 4 and backend.xp() is numpy
             and any(isinstance(layer, ConvReluPool) for layer in layers)
             and all(getval(v) is v for v in (x, *params.values())))
+
+
+def _slices(x):
+    """(rows, N_s / N) of each slice of ``SLICE`` images."""
+    n = x.shape[0]
+    return [(slice(start, start + SLICE), (min(n, start + SLICE) - start) / n) for start in range(0, n, SLICE)]
 
 
 def _backprop_whole(layers, loss, params, x, targets, wrt_inputs):
@@ -278,7 +281,11 @@ defvjp_argnums(_grads, _grads_vjp)
 def _loss(spec, x, targets, *values):
     """ℓ(x, θ) as one autograd primitive whose VJP is hand-written backpropagation."""
     layers, loss, keys = spec
-    out, _ = _forward(layers, dict(zip(keys, values)), x)
+    params = dict(zip(keys, values))
+    if _sliced(layers, params, x):                                   # as _backprop does
+        return sum(weight * loss.forward(_forward(layers, params, x[rows])[0], targets[rows])[0]
+                   for rows, weight in _slices(x))
+    out, _ = _forward(layers, params, x)
     return loss.forward(out, targets)[0]
 
 

@@ -177,14 +177,18 @@ def test_patch_matrix_convolution_is_conv2d(rng, rel_err, h, pad):
 
 @pytest.mark.parametrize("wrt_inputs", [False, True])
 def test_a_large_convolutional_batch_is_backpropagated_in_slices(monkeypatch, rng, rel_err, wrt_inputs):
-    """Slices of 3 images (the last one shorter) give the whole batch's loss and gradients:
-    each slice weighs N_s / N.  The plain path is the reference."""
+    """Slices of 3 images (the last one shorter) give the whole batch's loss and gradients
+    (backpropagation, and the loss alone as the naive engine takes it): each slice weighs
+    N_s / N.  The plain path is the reference."""
     model, params, x, targets = problem("lenet28", rng, n=8, soft=True)
     layers, loss = model.apply.layers, fused.LOSSES[losses.cross_entropy]
     monkeypatch.setattr(fused, "SLICE", 3)
     assert fused._sliced(layers, params, x)
     value, grads, g_x, g_t = fused._backprop(layers, loss, params, x, targets, wrt_inputs)
-    assert rel_err(value, losses.cross_entropy(model.apply(params, x), targets)) < AGREE
+    plain_value = losses.cross_entropy(model.apply(params, x), targets)
+    assert rel_err(value, plain_value) < AGREE
+    fast_value = fused.gradient_for(model.apply, losses.cross_entropy).value(params, x, targets)
+    assert rel_err(fast_value, plain_value) < AGREE                  # the naive engine's outer loss
     expected = plain_grad(model.apply, params, x, targets)
     assert rel_err(flat(grads[k] for k in expected), flat(expected.values())) < AGREE
     if wrt_inputs:
