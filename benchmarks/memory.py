@@ -193,6 +193,7 @@ def draw(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     engines = list(dict.fromkeys(r["engine"] for r in rows))
@@ -225,6 +226,8 @@ def draw(rows, path):
                 (ax_time, "seconds per meta-gradient", "time (one untraced call)")):
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.set_xticks(T_all, [f"{t:g}" for t in T_all])          # the measured T, no minor labels
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("inner steps T")
             ax.set_ylabel(label)
             ax.set_title(f"{model} / {data_name}: {title}")
