@@ -91,9 +91,11 @@ def test_a_finished_run_is_never_overwritten_unasked(tmp_path):
     (["pretrain", "--nets", "999999"], "--nets"),
     (["distill", "--resume", "--out", "no/such/run"], "no/such/run"),
 ])
-def test_other_bad_commands_are_one_sentence(argv, words):
+def test_other_bad_commands_are_one_sentence(argv, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                  # the relative paths would land here
     status, _, err = run(argv)
     assert_one_sentence(status, err, words)
+    assert not any(tmp_path.iterdir()), "a refused command left files or folders behind"
 
 
 @pytest.mark.parametrize("content", [b"", b"not an npz at all", b"PK\x03\x04 truncated zip"])

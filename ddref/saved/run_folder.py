@@ -29,15 +29,17 @@ class RunFolderLock:
     holder dies, so a killed run never blocks the next one)."""
 
     def __init__(self, out, fd, created):
-        self.out, self.fd, self.created = Path(out), fd, created
+        self.out, self.fd, self.created = Path(out), fd, created   # created: the folders made, deepest first
 
     def release(self):
         if self.fd is None:
             return
         try:
             (self.out / LOCK_FILE).unlink(missing_ok=True)
-            if self.created and not any(self.out.iterdir()):
-                self.out.rmdir()         # a run that never started leaves no empty folder
+            for folder in self.created:  # a run that never started leaves no empty folders
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
         except OSError:
             pass
         finally:
@@ -59,7 +61,7 @@ def lock_run_folder(out):
     for parent in [out, *out.parents]:
         if parent.exists() and not parent.is_dir():
             raise SavedFileError(f"--out {out}: {parent} is a file, not a folder; choose another --out.")
-    created = not out.exists()
+    created = [folder for folder in [out, *out.parents] if not folder.exists()]
     path = out / LOCK_FILE
     try:
         out.mkdir(parents=True, exist_ok=True)
