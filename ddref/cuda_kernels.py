@@ -16,6 +16,22 @@ def _out_size(h, w, kh, kw, pad):
 
 # Layout (C, H, W, N), batch innermost: thread i's batch index is i % n, so neighbouring
 # threads read and write neighbouring addresses.
+#
+# The pooling kernels' index arithmetic.  _WINDOW: thread i is window (m, p, q, b) of the pooled
+# output (O, Ho/2, Wo/2, N); k is its top-left entry in z (O, Ho, Wo, N), k + right / k + down
+# its neighbours.  _ENTRY: thread i is entry (m, y, x, b) of z, and k its window in the output
+# (cropped rows and columns map to the last window; their hit is 0).
+_WINDOW = """
+        int b = i % n; int r = i / n;
+        int q = r % wp; r /= wp; int p = r % hp; int m = r / hp;
+        long long k = ((long long)(m * ho + 2 * p) * wo + 2 * q) * n + b;
+        long long right = n, down = (long long)wo * n;"""
+_ENTRY = """
+        int b = i % n; int r = i / n;
+        int x = r % wo; r /= wo; int y = r % ho; int m = r / ho;
+        int p = min(y / 2, hp - 1), q = min(x / 2, wp - 1);
+        long long k = ((long long)(m * hp + p) * wp + q) * n + b;"""
+
 SOURCES = {
     "patches": (
         "raw T x, int32 n, int32 h, int32 w, int32 ho, int32 wo, int32 kh, int32 kw, int32 pad", "T col",
@@ -49,11 +65,7 @@ SOURCES = {
         """),
     "pool": (
         "raw T z, raw T bias, int32 n, int32 ho, int32 wo, int32 hp, int32 wp", "T out, T scale, raw T hit",
-        """
-        int b = i % n; int r = i / n;
-        int q = r % wp; r /= wp; int p = r % hp; int m = r / hp;
-        long long k = ((long long)(m * ho + 2 * p) * wo + 2 * q) * n + b;
-        long long right = n, down = (long long)wo * n;
+        _WINDOW + """
         T bb = bias[m];
         T a = z[k] + bb, bt = z[k + right] + bb, c = z[k + down] + bb, d = z[k + down + right] + bb;
         T ab = a > bt || a != a ? a : bt, cd = c > d || c != c ? c : d;
@@ -66,30 +78,18 @@ SOURCES = {
         """),
     "unpool": (
         "T hit, raw T g, raw T scale, int32 n, int32 ho, int32 wo, int32 hp, int32 wp", "T gz",
-        """
-        int b = i % n; int r = i / n;
-        int x = r % wo; r /= wo; int y = r % ho; int m = r / ho;
-        int p = min(y / 2, hp - 1), q = min(x / 2, wp - 1);
-        long long k = ((long long)(m * hp + p) * wp + q) * n + b;
+        _ENTRY + """
         gz = hit * (g[k] * scale[k]);
         """),
     "unpool_pair": (
         "T hit, raw T g, raw T gd, raw T scale, int32 n, int32 ho, int32 wo, int32 hp, int32 wp", "T gz, T gzd",
-        """
-        int b = i % n; int r = i / n;
-        int x = r % wo; r /= wo; int y = r % ho; int m = r / ho;
-        int p = min(y / 2, hp - 1), q = min(x / 2, wp - 1);
-        long long k = ((long long)(m * hp + p) * wp + q) * n + b;
+        _ENTRY + """
         gz = hit * (g[k] * scale[k]); gzd = hit * (gd[k] * scale[k]);
         """),
     "pool_tangent_sum": (
         "raw T a, raw T bias, raw T c, bool has_c, raw T hit, T scale, int32 n, int32 ho, int32 wo, "
         "int32 hp, int32 wp", "T pd",
-        """
-        int b = i % n; int r = i / n;
-        int q = r % wp; r /= wp; int p = r % hp; int m = r / hp;
-        long long k = ((long long)(m * ho + 2 * p) * wo + 2 * q) * n + b;
-        long long right = n, down = (long long)wo * n;
+        _WINDOW + """
         T bb = bias[m], s = 0;
         long long at[4] = {k, k + right, k + down, k + down + right};
         for (int e = 0; e < 4; ++e) {
@@ -101,11 +101,7 @@ SOURCES = {
         """),
     "pool_tangent": (
         "raw T zd, raw T hit, T scale, int32 n, int32 ho, int32 wo, int32 hp, int32 wp", "T pd",
-        """
-        int b = i % n; int r = i / n;
-        int q = r % wp; r /= wp; int p = r % hp; int m = r / hp;
-        long long k = ((long long)(m * ho + 2 * p) * wo + 2 * q) * n + b;
-        long long right = n, down = (long long)wo * n;
+        _WINDOW + """
         pd = (zd[k] * hit[k] + zd[k + right] * hit[k + right] + zd[k + down] * hit[k + down]
               + zd[k + down + right] * hit[k + down + right]) * scale;
         """),
