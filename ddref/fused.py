@@ -207,7 +207,8 @@ def _sliced(layers, params, x):
 def _slices(x):
     """(rows, N_s / N) of each slice of ``SLICE`` images."""
     n = x.shape[0]
-    return [(slice(start, start + SLICE), (min(n, start + SLICE) - start) / n) for start in range(0, n, SLICE)]
+    return [(slice(start, start + SLICE), (min(n, start + SLICE) - start) / n)
+            for start in range(0, n, SLICE)]
 
 
 def _backprop_whole(layers, loss, params, x, targets, wrt_inputs):

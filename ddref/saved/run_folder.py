@@ -29,7 +29,8 @@ class RunFolderLock:
     holder dies, so a killed run never blocks the next one)."""
 
     def __init__(self, out, fd, created):
-        self.out, self.fd, self.created = Path(out), fd, created   # created: the folders made, deepest first
+        self.out, self.fd = Path(out), fd
+        self.created = created                   # the folders the lock made, deepest first
 
     def release(self):
         if self.fd is None:
